@@ -1,0 +1,1 @@
+"""The heartbeat tokenizer and the torch scoring model, their artifacts and training."""
