@@ -5,6 +5,8 @@ The repository keeps the layout the project was asked for (`pipeline/`, `transfo
 generic names such as `models` never clash with a user's own modules.
 """
 
+from pathlib import Path
+
 from setuptools import setup
 
 PACKAGES = {
@@ -17,7 +19,7 @@ setup(
     name="ecgtok",
     version="0.1.0",
     description="ECG archives to heartbeat-token Parquet shards and batched torch scores, on Apache Beam",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10,<3.13",

@@ -1,0 +1,59 @@
+"""Beam RunInference model handler for the ECG language model.
+
+It is Beam's `PytorchModelHandlerKeyedTensor`, with two changes that the model needs:
+
+* `load_model` reads the safetensors artifact (local or gs://) and checks its hash,
+  where Beam's default would `torch.load` a pickled state dict;
+* `run_inference` pads each batch, because records have different numbers of leads and
+  beats and Beam's default inference function stacks equal-shaped tensors only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from apache_beam.ml.inference.base import PredictionResult
+from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedTensor
+from ecgtok.models.model import WEIGHTS_FILE, EcgLM, collate, load_model, pick_device
+from ecgtok.models.tokenizer import _join
+
+
+class EcgModelHandler(PytorchModelHandlerKeyedTensor):
+    """Scores examples made by `models.model.row_to_example`, in padded batches."""
+
+    def __init__(self, model_dir: str, device: str = "auto", max_batch_size: int = 64) -> None:
+        super().__init__(
+            state_dict_path=_join(model_dir, WEIGHTS_FILE),
+            model_class=EcgLM,
+            model_params={},
+            device="CPU",
+            min_batch_size=1,
+            max_batch_size=max_batch_size,
+        )
+        self._model_dir = model_dir
+        self._requested_device = device
+
+    def load_model(self) -> torch.nn.Module:
+        model, config = load_model(self._model_dir, pick_device(self._requested_device))
+        model.model_id = config["model_id"]
+        return model
+
+    def run_inference(
+        self,
+        batch: Sequence[dict[str, torch.Tensor]],
+        model: torch.nn.Module,
+        inference_args: dict[str, Any] | None = None,
+    ) -> Iterable[PredictionResult]:
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            inputs = {k: v.to(device) for k, v in collate(list(batch)).items()}
+            out = model(**inputs)
+        out = {k: v.float().cpu().numpy() for k, v in out.items()}
+        for i, example in enumerate(batch):
+            inference = {k: v[i] for k, v in out.items()}
+            yield PredictionResult(example, inference, model.model_id)
+
+    def get_metrics_namespace(self) -> str:
+        return "ecgtok_score"

@@ -1,0 +1,249 @@
+"""The ECG language: heartbeat words from a learned codebook, plus rhythm words.
+
+Vocabulary layout (ids are stable within a tokenizer version):
+
+    0 PAD   1 SEP   2 UNK (noisy or unreadable beat)   3 CLS   4 MASK
+    5 .. 5+R-1          rhythm words: the RR interval before a beat, in R bins
+    5+R .. 5+R+K-1      morphology words: codebook entry k of K
+
+A record's `tokens` are, per lead, one morphology word (or UNK) per beat, aligned with
+its `r_peaks`. Its `rhythm` is one rhythm word per beat. The full lead-major sentence
+(`sentence`, with `sentence_lead` and `sentence_beat` positions) is
+
+    CLS  rhythm words  SEP  lead-0 words  SEP  lead-1 words  SEP ...
+
+The artifact is a directory: `codebook.npy` (never pickled) and `tokenizer.json`
+(rate, window, filters, vocabulary, format version). `tokenizer_id` is a hash of both,
+checked every time the artifact is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+from dataclasses import dataclass
+
+import numpy as np
+from ecgtok.transforms import windows as W
+
+FORMAT_VERSION = 1
+PAD, SEP, UNK, CLS, MASK = 0, 1, 2, 3, 4
+N_SPECIAL = 5
+# RR bins: log-spaced edges from 0.24 s (250 bpm) to 2.0 s (30 bpm); bin 0 = no previous beat.
+RR_EDGES_S = np.geomspace(0.24, 2.0, 15)
+N_RHYTHM = len(RR_EDGES_S) + 2
+CODEBOOK_FILE = "codebook.npy"
+META_FILE = "tokenizer.json"
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, tampered with, or of another format version."""
+
+
+def _read_bytes(path: str) -> bytes:
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(path, mime_type="application/octet-stream") as f:
+            return f.read()
+    except Exception as exc:
+        raise ArtifactError(f"cannot read {path}: {exc}") from exc
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    with FileSystems.create(path, mime_type="application/octet-stream") as f:
+        f.write(data)
+
+
+def _join(folder: str, name: str) -> str:
+    return posixpath.join(folder, name) if "://" in folder else f"{folder.rstrip('/')}/{name}"
+
+
+def content_hash(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(hashlib.sha256(p).digest())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Tokenizer:
+    """A fitted codebook with the settings it was fitted under."""
+
+    codebook: np.ndarray  # (K, WINDOW_LEN) float32
+    meta: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return N_SPECIAL + N_RHYTHM + self.codebook.shape[0]
+
+    @property
+    def morph_offset(self) -> int:
+        return N_SPECIAL + N_RHYTHM
+
+    @property
+    def tokenizer_id(self) -> str:
+        return self.meta["tokenizer_id"]
+
+    # ---- encoding -------------------------------------------------------------------
+    def assign(self, beats: np.ndarray) -> np.ndarray:
+        """Nearest codebook entry for each row of `beats` (N, WINDOW_LEN), vectorised."""
+        if beats.shape[0] == 0:
+            return np.zeros(0, dtype=np.int64)
+        c = self.codebook
+        # |x - c|^2 = |x|^2 - 2 x.c + |c|^2; |x|^2 does not change the argmin.
+        d = (c * c).sum(axis=1)[None, :] - 2.0 * (beats @ c.T)
+        return np.argmin(d, axis=1).astype(np.int64)
+
+    def encode_windows(self, windows: np.ndarray, noisy: np.ndarray | None = None) -> np.ndarray:
+        """Word ids (leads, beats) for windows (beats, leads, WINDOW_LEN); noisy beats -> UNK."""
+        n_beats, n_leads, _ = windows.shape
+        codes = self.assign(windows.reshape(-1, W.WINDOW_LEN)).reshape(n_beats, n_leads)
+        words = (codes + self.morph_offset).T.copy()
+        if noisy is not None and noisy.size:
+            words[:, np.asarray(noisy, dtype=bool)] = UNK
+        return words
+
+    def decode(self, tokens) -> np.ndarray:
+        """Centroid waveforms (..., WINDOW_LEN) for morphology word ids; zeros for others."""
+        t = np.asarray(tokens, dtype=np.int64)
+        k = t - self.morph_offset
+        valid = (k >= 0) & (k < self.codebook.shape[0])
+        out = np.zeros(t.shape + (W.WINDOW_LEN,), dtype=np.float32)
+        out[valid] = self.codebook[k[valid]]
+        return out
+
+    @staticmethod
+    def rhythm_words(r_peaks: np.ndarray, fs: float) -> np.ndarray:
+        """One rhythm word per beat: the RR interval before it, binned (first beat: bin 0)."""
+        r = np.asarray(r_peaks, dtype=np.float64)
+        words = np.full(r.shape, N_SPECIAL, dtype=np.int64)
+        if r.size > 1:
+            rr = np.diff(r) / fs
+            words[1:] = N_SPECIAL + 1 + np.digitize(rr, RR_EDGES_S)
+        return words
+
+    def encode(
+        self, signal: np.ndarray, fs: float, r_peaks: np.ndarray, noisy: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(morphology words (leads, beats), rhythm words (beats,)) for one recording."""
+        clean = W.clean_for_windows(signal, fs)
+        wins = W.beat_windows(clean, W.to_window_rate(r_peaks, fs))
+        if wins.shape[0] == 0:
+            return np.zeros((clean.shape[1], 0), dtype=np.int64), np.zeros(0, dtype=np.int64)
+        return self.encode_windows(wins, noisy), self.rhythm_words(r_peaks, fs)
+
+    # ---- artifact -------------------------------------------------------------------
+    def save(self, folder: str) -> str:
+        from apache_beam.io.filesystems import FileSystems
+
+        FileSystems.mkdirs(folder) if not FileSystems.exists(folder) else None
+        npy = _npy_bytes(self.codebook)
+        meta = {k: v for k, v in self.meta.items() if k != "tokenizer_id"}
+        meta["tokenizer_id"] = content_hash(npy, _canonical(meta))
+        self.meta = meta
+        _write_bytes(_join(folder, CODEBOOK_FILE), npy)
+        _write_bytes(_join(folder, META_FILE), json.dumps(meta, indent=2).encode())
+        return meta["tokenizer_id"]
+
+    @classmethod
+    def load(cls, folder: str) -> Tokenizer:
+        """Load and verify a tokenizer directory (local or gs://). Never unpickles."""
+        npy = _read_bytes(_join(folder, CODEBOOK_FILE))
+        try:
+            meta = json.loads(_read_bytes(_join(folder, META_FILE)))
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{folder}/{META_FILE} is not valid JSON: {exc}") from exc
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"tokenizer {folder} has format version {meta.get('format_version')!r}; "
+                f"this ecgtok reads version {FORMAT_VERSION}"
+            )
+        claimed = meta.get("tokenizer_id")
+        rest = {k: v for k, v in meta.items() if k != "tokenizer_id"}
+        actual = content_hash(npy, _canonical(rest))
+        if claimed != actual:
+            raise ArtifactError(
+                f"tokenizer {folder} fails its content check (id {claimed!r}, content {actual!r}): "
+                "the files were changed or mixed from two artifacts"
+            )
+        codebook = np.load(io.BytesIO(npy), allow_pickle=False).astype(np.float32)
+        if codebook.ndim != 2 or codebook.shape[1] != W.WINDOW_LEN:
+            raise ArtifactError(
+                f"tokenizer {folder}: codebook shape {codebook.shape} is not (K, 96)"
+            )
+        return cls(codebook=codebook, meta=meta)
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _canonical(meta: dict) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+def tokenizer_meta(vocab_size: int, seed: int, n_beats: int, source: str) -> dict:
+    """The settings a tokenizer was fitted under, as stored in tokenizer.json."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "heartbeat-kmeans",
+        "codebook_size": vocab_size,
+        "window_fs": W.WINDOW_FS,
+        "window_len": W.WINDOW_LEN,
+        "r_index": W.R_INDEX,
+        "band_hz": list(W.BAND_HZ),
+        "rr_edges_s": [round(float(x), 6) for x in RR_EDGES_S],
+        "special_tokens": {"PAD": PAD, "SEP": SEP, "UNK": UNK, "CLS": CLS, "MASK": MASK},
+        "rhythm_offset": N_SPECIAL,
+        "n_rhythm": N_RHYTHM,
+        "morph_offset": N_SPECIAL + N_RHYTHM,
+        "seed": seed,
+        "fitted_on_beats": int(n_beats),
+        "fitted_on": source,
+    }
+
+
+def fit_codebook(beats: np.ndarray, vocab_size: int, seed: int = 0) -> np.ndarray:
+    """Mini-batch k-means on beat windows (N, WINDOW_LEN); seeded and deterministic."""
+    from sklearn.cluster import MiniBatchKMeans
+
+    beats = np.asarray(beats, dtype=np.float32)
+    k = min(vocab_size, len(beats))
+    km = MiniBatchKMeans(
+        n_clusters=k,
+        random_state=seed,
+        batch_size=4096,
+        n_init=3,
+        max_iter=100,
+        reassignment_ratio=0.01,
+    )
+    km.fit(beats)
+    centers = km.cluster_centers_.astype(np.float32)
+    # Order words by energy so ids are stable and small ids are quiet beats.
+    return centers[np.argsort((centers**2).sum(axis=1), kind="stable")]
+
+
+def build_sentence(
+    words: np.ndarray, rhythm: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lead-major sentence with lead (-1 for rhythm/special) and beat positions."""
+    n_leads, n_beats = words.shape
+    parts = [np.array([CLS]), rhythm, np.array([SEP])]
+    lead = [np.array([-1]), np.full(n_beats, -1), np.array([-1])]
+    beat = [np.array([-1]), np.arange(n_beats), np.array([-1])]
+    for i in range(n_leads):
+        parts += [words[i], np.array([SEP])]
+        lead += [np.full(n_beats, i), np.array([i])]
+        beat += [np.arange(n_beats), np.array([-1])]
+    return (
+        np.concatenate(parts).astype(np.int32),
+        np.concatenate(lead).astype(np.int16),
+        np.concatenate(beat).astype(np.int32),
+    )

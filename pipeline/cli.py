@@ -1,0 +1,96 @@
+"""The `ecgtok` command line. It only parses and dispatches; the work is elsewhere.
+
+    ecgtok run       --input SRC --output DST [--tokenizer DIR] [--model DIR] [--overwrite] [Beam options]
+    ecgtok tokenize  --input SRC --output DST [--tokenizer DIR] [--overwrite] [Beam options]
+    ecgtok score     --input TOKENS --output DST [--model DIR] [--overwrite] [Beam options]
+    ecgtok demo      [--output DIR] [--overwrite]
+    ecgtok eval-beats --input DB [--annotator atr] [--window 0.15]
+    ecgtok fit-tokenizer --input SRC --output DIR [--vocab-size K]
+    ecgtok pretrain / finetune  (see `ecgtok pretrain --help`)
+
+User mistakes print one line on stderr and exit 2; a failed job exits 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+USAGE = __doc__.split("\n\n")[1]
+JOB_COMMANDS = ("run", "tokenize", "score")
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"ecgtok: error: {message}", file=sys.stderr)
+    return code
+
+
+def print_summary(summary: dict, out=sys.stdout) -> None:
+    """A short table a person can read at the end of a run."""
+    keys = [
+        ("discovered", "records discovered"),
+        ("tokenized", "records tokenized"),
+        ("failed", "records failed"),
+        ("token_rows", "token rows (segments)"),
+        ("beats", "beats"),
+        ("scored", "score rows"),
+        ("wall_seconds", "wall time (s)"),
+    ]
+    print("", file=out)
+    print(f"{'ecgtok ' + summary.get('mode', ''):<28}{'':>12}", file=out)
+    for key, label in keys:
+        if key in summary:
+            print(f"  {label:<26}{summary[key]:>12}", file=out)
+    for stage, kinds in sorted(summary.get("failures", {}).items()):
+        for kind, n in sorted(kinds.items()):
+            print(f"    failed at {stage}: {kind:<14}{n:>8}", file=out)
+    for key in ("tokenizer_id", "model_id", "runner"):
+        if summary.get(key):
+            print(f"  {key:<26}{summary[key]:>12}", file=out)
+    print("", file=out)
+
+
+def _run_job(command: str, argv: list[str]) -> int:
+    from ecgtok.models.tokenizer import ArtifactError
+    from ecgtok.pipeline.discovery import SourceError
+    from ecgtok.pipeline.outputs import OutputError
+    from ecgtok.pipeline.run import UsageError, run_job
+
+    try:
+        outcome = run_job(argv, command)
+    except (UsageError, SourceError, OutputError, ArtifactError) as exc:
+        return _fail(str(exc))
+    summary = outcome.summary
+    print_summary(summary)
+    print(f"outputs in {summary.get('output', '')}".strip(), file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("NO_GCE_CHECK", "true")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in JOB_COMMANDS:
+        return _run_job(command, rest)
+    if command == "demo":
+        from ecgtok.pipeline.demo import main as demo_main
+
+        return demo_main(rest)
+    if command == "eval-beats":
+        from ecgtok.pipeline.eval_beats import main as eval_main
+
+        return eval_main(rest)
+    if command in ("fit-tokenizer", "pretrain", "finetune"):
+        from ecgtok.models import train
+
+        return train.main(command, rest)
+    return _fail(f"unknown command {command!r}; try `ecgtok --help`")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Building the job graph, apart from running it.
+
+`build_tokenize` and `build_score` add the two halves of the job to a pipeline;
+`build_pipeline` joins them for `ecgtok run`. They only add transforms: choosing the
+runner, checking paths and summarising happen in `pipeline/run.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import apache_beam as beam
+from ecgtok.pipeline.outputs import join
+from ecgtok.transforms import schemas
+from ecgtok.transforms.stages import (
+    DiscoverRecords,
+    ScoreRecords,
+    TokenizeRecords,
+    WriteParquetFolder,
+)
+
+
+@dataclass
+class JobConfig:
+    """Everything the graph needs, resolved from the options before it is built."""
+
+    input: str
+    output: str
+    tokenizer_dir: str
+    model_dir: str
+    tokenizer_id: str
+    model_id: str = ""
+    extra_columns: list[str] = field(default_factory=list)
+    segment_s: float = 300.0
+    device: str = "auto"
+    batch_size: int = 64
+
+
+def build_tokenize(p: beam.Pipeline, cfg: JobConfig):
+    """discover -> read -> find beats -> tokenize -> tokens/ and errors/. Returns token rows."""
+    meta = {"ecgtok_tokenizer_id": cfg.tokenizer_id}
+    refs = p | "DiscoverRecords" >> DiscoverRecords(cfg.input)
+    result = refs | "TokenizeRecords" >> TokenizeRecords(
+        cfg.tokenizer_dir, cfg.segment_s, cfg.extra_columns
+    )
+    _ = result.rows | "WriteTokenShards" >> WriteParquetFolder(
+        join(cfg.output, "tokens"), schemas.token_schema(cfg.extra_columns, meta)
+    )
+    _ = result.errors | "WriteErrors" >> WriteParquetFolder(
+        join(cfg.output, "errors"), schemas.error_schema(meta)
+    )
+    return result.rows
+
+
+def build_score(rows, cfg: JobConfig) -> None:
+    """token rows -> RunInference -> scores/."""
+    meta = {"ecgtok_model_id": cfg.model_id, "ecgtok_tokenizer_id": cfg.tokenizer_id}
+    scores = rows | "ScoreRecords" >> ScoreRecords(
+        cfg.model_dir, cfg.extra_columns, cfg.device, cfg.batch_size
+    )
+    _ = scores | "WriteScores" >> WriteParquetFolder(
+        join(cfg.output, "scores"), schemas.score_schema(cfg.extra_columns, meta)
+    )
+
+
+def build_pipeline(p: beam.Pipeline, cfg: JobConfig) -> None:
+    """The whole job: archive -> token shards -> scores."""
+    build_score(build_tokenize(p, cfg), cfg)
+
+
+def build_score_only(p: beam.Pipeline, cfg: JobConfig) -> None:
+    """Existing token shards (cfg.input) -> scores/."""
+    rows = p | "ReadTokenShards" >> beam.io.ReadFromParquet(cfg.input)
+    build_score(rows, cfg)

@@ -1,0 +1,206 @@
+"""Running a job: options in, PipelineResult out, and the summary of what was written.
+
+`run(argv)` is what the CLI calls and what tests call; it returns the PipelineResult.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+
+import apache_beam as beam
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from ecgtok.pipeline import graph, outputs
+from ecgtok.pipeline.discovery import check_source, manifest_columns
+from ecgtok.pipeline.options import (
+    EcgtokOptions,
+    default_model_dir,
+    default_tokenizer_dir,
+    is_local_default,
+    local_runner,
+)
+
+_LOG = logging.getLogger(__name__)
+TOKENIZE, SCORE, RUN = "tokenize", "score", "run"
+
+
+class UsageError(ValueError):
+    """A mistake in how the job was asked for: reported in one line, exit code 2."""
+
+
+@dataclass
+class JobOutcome:
+    result: object
+    summary: dict
+
+
+def _require(value, flag: str):
+    if not value:
+        raise UsageError(f"{flag} is required")
+    return value
+
+
+def _resolve(opts: EcgtokOptions, mode: str) -> graph.JobConfig:
+    from ecgtok.models.model import load_model
+    from ecgtok.models.tokenizer import Tokenizer
+
+    src = _require(opts.input, "--input")
+    dst = _require(opts.output, "--output")
+    tok_dir = opts.tokenizer or default_tokenizer_dir()
+    model_dir = opts.model or default_model_dir()
+    cfg = graph.JobConfig(
+        input=src,
+        output=dst,
+        tokenizer_dir=tok_dir,
+        model_dir=model_dir,
+        tokenizer_id="",
+        segment_s=opts.segment_seconds,
+        device=opts.device,
+        batch_size=opts.score_batch_size,
+    )
+    if opts.segment_seconds <= 0:
+        raise UsageError("--segment_seconds must be positive")
+    if mode in (TOKENIZE, RUN):
+        check_source(src)
+        cfg.extra_columns = manifest_columns(src)
+        cfg.tokenizer_id = Tokenizer.load(tok_dir).tokenizer_id
+    if mode in (SCORE, RUN):
+        _, mcfg = load_model(model_dir, "cpu")
+        cfg.model_id = mcfg["model_id"]
+    if mode == SCORE:
+        cfg.input = _token_glob(src)
+        cfg.extra_columns = _extra_columns_of_shards(cfg.input)
+    return cfg
+
+
+def _token_glob(src: str) -> str:
+    """`ecgtok score` takes a run's output folder, its tokens/ folder, or a glob."""
+    if src.endswith(".parquet") or "*" in src:
+        return src
+    tokens = outputs.join(src, "tokens")
+    folder = tokens if outputs.parquet_files(tokens) else src
+    if not outputs.parquet_files(folder):
+        raise UsageError(f"--input {src} holds no token shards (*.parquet)")
+    return outputs.join(folder, "*.parquet")
+
+
+def _extra_columns_of_shards(pattern: str) -> list[str]:
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+    from ecgtok.transforms.schemas import TOKEN_FIELDS
+
+    first = FileSystems.match([pattern])[0].metadata_list[0].path
+    with FileSystems.open(first) as f:
+        names = pq.read_schema(f).names
+    fixed = {f.name for f in TOKEN_FIELDS}
+    return [n for n in names if n not in fixed]
+
+
+def _counters(result) -> dict[str, int]:
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace("ecgtok"))["counters"]
+    except Exception:  # some runners report no metrics
+        return {}
+    out: dict[str, int] = {}
+    for c in found:
+        value = c.committed if c.committed is not None else c.attempted
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
+    return out
+
+
+def summarise(dst: str, mode: str, cfg: graph.JobConfig, counters: dict, extra: dict) -> dict:
+    """Count what the outputs hold (not what the runner says) and describe the run."""
+    summary: dict = {"mode": mode, "tokenizer_id": cfg.tokenizer_id, "model_id": cfg.model_id}
+    tokenized_ids: set[str] = set()
+    if mode in (TOKENIZE, RUN):
+        tok = outputs.read_column_table(outputs.join(dst, "tokens"), ["record_id", "r_peaks"])
+        err = outputs.read_column_table(
+            outputs.join(dst, "errors"), ["record_id", "stage", "error_type"]
+        )
+        tokenized_ids = set(tok.column("record_id").to_pylist()) if tok is not None else set()
+        failed_rows = err.to_pylist() if err is not None else []
+        breakdown: dict[str, dict[str, int]] = {}
+        for e in failed_rows:
+            by_stage = breakdown.setdefault(e["stage"], {})
+            by_stage[e["error_type"]] = by_stage.get(e["error_type"], 0) + 1
+        summary.update(
+            discovered=int(
+                counters.get("records_discovered", len(tokenized_ids) + len(failed_rows))
+            ),
+            tokenized=len(tokenized_ids),
+            failed=len({e["record_id"] for e in failed_rows}),
+            token_rows=tok.num_rows if tok is not None else 0,
+            beats=int(sum(len(r) for r in tok.column("r_peaks").to_pylist())) if tok else 0,
+            failures=breakdown,
+        )
+    if mode in (SCORE, RUN):
+        sc = outputs.read_column_table(outputs.join(dst, "scores"), ["record_id", "p_af"])
+        summary["scored"] = sc.num_rows if sc is not None else 0
+        summary["scored_records"] = len(set(sc.column("record_id").to_pylist())) if sc else 0
+    summary["metrics"] = counters
+    summary.update(extra)
+    return summary
+
+
+def _pipeline_options(argv: list[str]) -> tuple[PipelineOptions, EcgtokOptions]:
+    from ecgtok.pipeline.argv import check_beam_args
+
+    check_beam_args(argv)
+    options = PipelineOptions(argv)
+    return options, options.view_as(EcgtokOptions)
+
+
+def run(argv: list[str], mode: str = RUN, test_pipeline=None) -> beam.runners.runner.PipelineResult:
+    """Run one ecgtok job (`run`, `tokenize` or `score`) and write its summary."""
+    return run_job(argv, mode, test_pipeline).result
+
+
+def run_job(argv: list[str], mode: str = RUN, test_pipeline=None) -> JobOutcome:
+    options, opts = _pipeline_options(argv)
+    cfg = _resolve(opts, mode)
+    dst = cfg.output
+    outputs.check_output(dst, opts.overwrite)
+    run_id = uuid.uuid4().hex[:12]
+    staged = outputs.staging_dir(dst, run_id)
+    final_dst = dst
+    cfg.output = staged
+    if test_pipeline is not None:
+        p = test_pipeline
+        runner_name = type(p.runner).__name__
+    elif is_local_default(options):
+        runner = local_runner(options)
+        p = beam.Pipeline(runner=runner, options=options)
+        runner_name = f"FnApiRunner({options.get_all_options()['direct_running_mode']})"
+    else:
+        p = beam.Pipeline(options=options)
+        runner_name = str(options.view_as(StandardOptions).runner)
+    {TOKENIZE: graph.build_tokenize, SCORE: graph.build_score_only, RUN: graph.build_pipeline}[
+        mode
+    ](p, cfg)
+    t0 = time.perf_counter()
+    result = p.run()
+    result.wait_until_finish()
+    wall = time.perf_counter() - t0
+    folders = {TOKENIZE: ("tokens", "errors"), SCORE: ("scores",), RUN: outputs.OUTPUT_FOLDERS}
+    outputs.promote(staged, final_dst, folders[mode])
+    cfg.output = final_dst
+    summary = summarise(
+        final_dst,
+        mode,
+        cfg,
+        _counters(result),
+        {
+            "input": cfg.input,
+            "output": final_dst,
+            "runner": runner_name,
+            "wall_seconds": round(wall, 3),
+            "run_id": run_id,
+            "cpu_count": os.cpu_count(),
+        },
+    )
+    outputs.write_json(outputs.join(final_dst, outputs.SUMMARY), summary)
+    return JobOutcome(result, summary)

@@ -1,0 +1,67 @@
+"""The output contract: one Arrow schema per output folder (tokens, scores, errors).
+
+Manifest columns (other than `path`) are appended to the token and score schemas as
+strings, so a cohort's own ids travel with every row.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from ecgtok.models.model import HEADS
+
+TOKEN_FIELDS = [
+    pa.field("record_id", pa.string(), nullable=False),
+    pa.field("start_sample", pa.int64(), nullable=False),
+    pa.field("n_samples", pa.int64()),
+    pa.field("fs", pa.float64()),
+    pa.field("lead_names", pa.list_(pa.string())),
+    pa.field("original_lead_names", pa.list_(pa.string())),
+    pa.field("r_peaks", pa.list_(pa.int64())),
+    pa.field("beat_flags", pa.list_(pa.int32())),
+    pa.field("tokens", pa.list_(pa.list_(pa.int32()))),
+    pa.field("rhythm", pa.list_(pa.int32())),
+    pa.field("sentence", pa.list_(pa.int32())),
+    pa.field("sentence_lead", pa.list_(pa.int32())),
+    pa.field("sentence_beat", pa.list_(pa.int32())),
+    pa.field("tokenizer_id", pa.string()),
+    pa.field("source_path", pa.string()),
+    pa.field("age", pa.float64()),
+    pa.field("sex", pa.string()),
+    pa.field("dx", pa.list_(pa.string())),
+]
+
+SCORE_FIELDS = [
+    pa.field("record_id", pa.string(), nullable=False),
+    pa.field("start_sample", pa.int64(), nullable=False),
+    pa.field("model_id", pa.string()),
+    *[pa.field(h, pa.float32()) for h in HEADS],
+    pa.field("n_beats", pa.int64()),
+    pa.field("embedding", pa.list_(pa.float32())),
+]
+
+ERROR_FIELDS = [
+    pa.field("record_id", pa.string(), nullable=False),
+    pa.field("source_path", pa.string()),
+    pa.field("stage", pa.string()),
+    pa.field("error_type", pa.string()),
+    pa.field("message", pa.string()),
+]
+
+
+def _with_extra(fields: list[pa.Field], extra: list[str], metadata: dict | None) -> pa.Schema:
+    taken = {f.name for f in fields}
+    more = [pa.field(name, pa.string()) for name in extra if name not in taken]
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    return pa.schema(fields + more, metadata=meta or None)
+
+
+def token_schema(extra: list[str] = (), metadata: dict | None = None) -> pa.Schema:
+    return _with_extra(TOKEN_FIELDS, list(extra), metadata)
+
+
+def score_schema(extra: list[str] = (), metadata: dict | None = None) -> pa.Schema:
+    return _with_extra(SCORE_FIELDS, list(extra), metadata)
+
+
+def error_schema(metadata: dict | None = None) -> pa.Schema:
+    return _with_extra(ERROR_FIELDS, [], metadata)

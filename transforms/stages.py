@@ -1,0 +1,184 @@
+"""The Beam stages of ecgtok, as labelled composites whose names read like the pipeline.
+
+    DiscoverRecords -> TokenizeRecords -> WriteTokenShards
+                                      \\-> ScoreRecords -> WriteScores
+                       (errors)       -> WriteErrors
+
+They are thin: the work is in plain functions (`record_tokens`, `models.*`). Artifacts
+are loaded in `DoFn.setup()` from a path, never captured in closures, so every DoFn
+pickles and runs on any runner.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from ecgtok.models.model import HEADS, row_to_example
+from ecgtok.pipeline.discovery import RecordRef, discover
+from ecgtok.transforms.errors import RecordError
+
+NAMESPACE = "ecgtok"
+ERRORS = "errors"
+_LOG = logging.getLogger(__name__)
+
+
+def error_row(ref: RecordRef, stage: str, error_type: str, message: str) -> dict:
+    return {
+        "record_id": ref.record_id,
+        "source_path": ref.source_path,
+        "stage": stage,
+        "error_type": error_type,
+        "message": message[:2000],
+    }
+
+
+class DiscoverRecords(beam.PTransform):
+    """SRC -> RecordRef for every record, spread over workers."""
+
+    def __init__(self, src: str) -> None:
+        super().__init__()
+        self._src = src
+
+    def expand(self, pbegin):
+        counter = Metrics.counter(NAMESPACE, "records_discovered")
+
+        def count(ref: RecordRef) -> RecordRef:
+            counter.inc()
+            return ref
+
+        return (
+            pbegin
+            | "Source" >> beam.Create([self._src])
+            | "ListRecords" >> beam.FlatMap(discover)
+            | "Count" >> beam.Map(count)
+            | "Spread" >> beam.Reshuffle()
+        )
+
+
+class _TokenizeRecordFn(beam.DoFn):
+    """RecordRef -> token rows, or one error row on the `errors` output."""
+
+    def __init__(self, tokenizer_dir: str, segment_s: float, extra_columns: list[str]) -> None:
+        self._tokenizer_dir = tokenizer_dir
+        self._segment_s = segment_s
+        self._extra_columns = list(extra_columns)
+
+    def setup(self) -> None:
+        from ecgtok.models.tokenizer import Tokenizer
+
+        self._tokenizer = Tokenizer.load(self._tokenizer_dir)
+        self._tokenized = Metrics.counter(NAMESPACE, "records_tokenized")
+        self._failed = Metrics.counter(NAMESPACE, "records_failed")
+        self._beats = Metrics.counter(NAMESPACE, "beats")
+        self._tokens = Metrics.counter(NAMESPACE, "tokens")
+        self._segments = Metrics.counter(NAMESPACE, "segments")
+
+    def process(self, ref: RecordRef):
+        from ecgtok.transforms.record_tokens import tokenize_record
+
+        extra = {c: str(ref.extra.get(c, "")) for c in self._extra_columns}
+        try:
+            rows = tokenize_record(
+                ref.source_path, ref.record_id, self._tokenizer, self._segment_s, extra
+            )
+        except RecordError as err:
+            yield from self._fail(ref, err.stage, err.error_type, err.message)
+            return
+        except Exception as exc:  # a bug must not sink the job: it becomes an error row
+            _LOG.exception("unexpected failure on %s", ref.record_id)
+            yield from self._fail(ref, "tokenize", type(exc).__name__, str(exc))
+            return
+        self._tokenized.inc()
+        for row in rows:
+            self._segments.inc()
+            self._beats.inc(len(row["r_peaks"]))
+            self._tokens.inc(sum(len(t) for t in row["tokens"]))
+            yield row
+
+    def _fail(self, ref: RecordRef, stage: str, error_type: str, message: str):
+        self._failed.inc()
+        Metrics.counter(NAMESPACE, f"failed_{stage}_{error_type}").inc()
+        yield beam.pvalue.TaggedOutput(ERRORS, error_row(ref, stage, error_type, message))
+
+
+class TokenizeRecords(beam.PTransform):
+    """RecordRef -> token rows (main output) and error rows (`.errors`)."""
+
+    def __init__(self, tokenizer_dir: str, segment_s: float, extra_columns: list[str]) -> None:
+        super().__init__()
+        self._fn = _TokenizeRecordFn(tokenizer_dir, segment_s, extra_columns)
+
+    def expand(self, refs):
+        return refs | "ReadFindBeatsTokenize" >> beam.ParDo(self._fn).with_outputs(
+            ERRORS, main="rows"
+        )
+
+
+def _score_key(row: dict, extra_columns: list[str]) -> tuple:
+    return (
+        row["record_id"],
+        int(row["start_sample"]),
+        tuple(row.get(c, "") for c in extra_columns),
+    )
+
+
+def _to_score_row(keyed, extra_columns: list[str]) -> dict:
+    (record_id, start, extra), result = keyed
+    inf = result.inference
+    row = {
+        "record_id": record_id,
+        "start_sample": start,
+        "model_id": result.model_id,
+        "n_beats": int(result.example["rhythm"].shape[0]),
+        "embedding": [float(x) for x in inf["embedding"]],
+    }
+    for head in HEADS:
+        row[head] = float(inf[head]) if head in inf else None
+    row.update(dict(zip(extra_columns, extra, strict=True)))
+    return row
+
+
+class ScoreRecords(beam.PTransform):
+    """Token rows -> score rows, through Beam's RunInference, keyed by record and segment."""
+
+    def __init__(
+        self, model_dir: str, extra_columns: list[str], device: str = "auto", batch: int = 64
+    ) -> None:
+        super().__init__()
+        self._model_dir = model_dir
+        self._extra = list(extra_columns)
+        self._device = device
+        self._batch = batch
+
+    def expand(self, rows):
+        from ecgtok.models.handler import EcgModelHandler
+
+        extra = self._extra
+        handler = KeyedModelHandler(EcgModelHandler(self._model_dir, self._device, self._batch))
+        return (
+            rows
+            | "ToExamples" >> beam.Map(lambda r: (_score_key(r, extra), row_to_example(r)))
+            | "RunInference" >> RunInference(handler)
+            | "ToScoreRows" >> beam.Map(_to_score_row, extra)
+        )
+
+
+class WriteParquetFolder(beam.PTransform):
+    """Rows -> `folder/part-SSSSS-of-NNNNN.parquet`, all with one schema."""
+
+    def __init__(self, folder: str, schema: pa.Schema) -> None:
+        super().__init__()
+        self._folder = folder
+        self._schema = schema
+
+    def expand(self, rows):
+        return rows | "WriteToParquet" >> beam.io.WriteToParquet(
+            file_path_prefix=self._folder.rstrip("/") + "/part",
+            schema=self._schema,
+            file_name_suffix=".parquet",
+            codec="zstd",
+        )
