@@ -72,7 +72,11 @@ class EcgLM(nn.Module):
             max=self.pos.num_embeddings - 1
         )
         x = x + self.rhythm(rhythm) + self.pos(t)[None]
-        h = self.encoder(x, src_key_padding_mask=~beat_mask)
+        # A record with no beats would mask every position, and attention over nothing is
+        # NaN; let it attend to its (empty) first position so it still gets a finite score.
+        attend = beat_mask.clone()
+        attend[:, 0] |= ~beat_mask.any(dim=1)
+        h = self.encoder(x, src_key_padding_mask=~attend)
         return self.norm(h), beat_mask
 
     def forward(

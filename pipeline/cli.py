@@ -26,8 +26,9 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def print_summary(summary: dict, out=sys.stdout) -> None:
+def print_summary(summary: dict, out=None) -> None:
     """A short table a person can read at the end of a run."""
+    out = out or sys.stdout
     keys = [
         ("discovered", "records discovered"),
         ("tokenized", "records tokenized"),

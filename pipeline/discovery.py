@@ -7,9 +7,13 @@ name written inside the header, so two archives with clashing internal names sta
 * glob: the path relative to the glob's fixed leading folder;
 * manifest: the `path` value as written, without `.hea`.
 
-Which `.hea` files are records: where a folder has a `RECORDS` file, it lists that
-folder's records. Elsewhere every header is a record, except `*_layout` headers and the
-segment headers that a multi-segment header in the same folder names.
+Which files are records (`_apply_rule`): where a folder has a `RECORDS` file, it lists
+that folder's records (lines may name records in sub-folders, as PTB-XL's does, or
+sub-folders ending in '/' that follow their own rule, as MIMIC's do). Elsewhere every
+`.hea` is a record, except `*_layout` headers and the segment headers that a
+multi-segment header in the same folder names; and an `.edf` file is a record unless a
+header of the same name sits beside it. A record a RECORDS file lists but that is
+absent is still yielded, so it ends as an error row rather than vanishing.
 """
 
 from __future__ import annotations
@@ -54,9 +58,15 @@ def _dirname(path: str) -> str:
     return posixpath.dirname(path) if is_remote(path) else os.path.dirname(path)
 
 
-def _read_text(path: str, limit: int = 1 << 20) -> str:
-    with FileSystems.open(path, mime_type="application/octet-stream") as f:
-        return f.read(limit).decode("utf-8", errors="replace")
+def _read_text(path: str, limit: int | None = 1 << 20) -> str:
+    """A file's text (at most `limit` bytes; None for all of it)."""
+    if not is_remote(path):
+        with open(_local(path), "rb") as f:
+            data = f.read() if limit is None else f.read(limit)
+    else:
+        with FileSystems.open(path, mime_type="application/octet-stream") as f:
+            data = f.read() if limit is None else f.read(limit)
+    return data.decode("utf-8-sig", errors="replace")
 
 
 def source_kind(src: str) -> str:
@@ -80,75 +90,165 @@ def check_source(src: str) -> None:
         raise SourceError(f"--input manifest {src} does not exist")
     if kind == "folder" and not os.path.exists(path):
         raise SourceError(f"--input {src} does not exist")
-    if kind == "folder" and os.path.isfile(path) and not path.endswith(".hea"):
-        raise SourceError(f"--input {src} is neither a folder, a .hea, a glob nor a .csv manifest")
+    if kind == "folder" and os.path.isfile(path) and not _is_record_file(path):
+        raise SourceError(
+            f"--input {src} is neither a folder, a .hea/.edf, a glob nor a .csv manifest"
+        )
 
 
-def _list_headers(root: str) -> list[str]:
-    """Every *.hea under root, recursively, sorted."""
+def _is_record_file(path: str) -> bool:
+    low = path.lower()
+    return low.endswith(".hea") or low.endswith(".edf")
+
+
+def _list_files(root: str) -> list[str]:
+    """Every header, EDF file and RECORDS file under root, recursively, sorted."""
     if is_remote(root):
-        pattern = root.rstrip("/") + "/**.hea"
+        pattern = root.rstrip("/") + "/**"
         found = FileSystems.match([pattern])[0].metadata_list
-        return sorted(m.path for m in found)
-    out = []
-    for folder, _dirs, files in os.walk(root):
-        out.extend(os.path.join(folder, f) for f in files if f.endswith(".hea"))
-    return sorted(out)
+        paths = [m.path for m in found]
+    else:
+        paths = []
+        for folder, dirs, files in os.walk(_local(root)):
+            dirs.sort()
+            paths.extend(os.path.join(folder, f) for f in files)
+    return sorted(p for p in paths if _is_record_file(p) or _basename(p) == "RECORDS")
 
 
 def _glob_headers(pattern: str) -> list[str]:
     found = FileSystems.match([pattern])[0].metadata_list
-    return sorted(m.path for m in found if m.path.endswith(".hea"))
+    return sorted(m.path for m in found if _is_record_file(m.path))
+
+
+def _local(path: str) -> str:
+    return path[len("file://") :] if path.startswith("file://") else path
+
+
+def _basename(path: str) -> str:
+    return posixpath.basename(path) if is_remote(path) else os.path.basename(path)
+
+
+def _stem(path: str) -> str:
+    base = _basename(path)
+    return base.rsplit(".", 1)[0] if _is_record_file(base) else base
 
 
 def _segment_names(header_text: str) -> list[str]:
-    """Segment record names that a multi-segment header names (empty for a plain one)."""
-    lines = [ln for ln in header_text.splitlines() if ln.strip() and not ln.startswith("#")]
-    if not lines or "/" not in lines[0].split()[0]:
+    """Record names that a multi-segment header names (empty for a plain one)."""
+    lines = [
+        ln for ln in header_text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
+    ]
+    if not lines:
         return []
-    n_seg = int(lines[0].split()[0].split("/")[1])
-    return [ln.split()[0] for ln in lines[1 : 1 + n_seg] if ln.split()[0] != "~"]
+    first = lines[0].split()[0]
+    if "/" not in first:
+        return []
+    try:
+        n_seg = int(first.split("/")[1])
+    except ValueError:
+        return []
+    names = [ln.split()[0] for ln in lines[1 : 1 + n_seg]]
+    return [n for n in names if n != "~"]
 
 
-def _records_in_folder(folder: str, headers: list[str]) -> list[str]:
-    """Apply the discovery rule to one folder's headers."""
-    records_file = _join(folder, "RECORDS")
-    if FileSystems.exists(records_file):
-        listed = [ln.strip() for ln in _read_text(records_file).splitlines() if ln.strip()]
-        return [_join(folder, name + ".hea") for name in listed if "/" not in name]
-    stems = {_basename_stem(h): h for h in headers}
-    candidates = [h for s, h in stems.items() if not s.endswith("_layout")]
-    if len(candidates) < 2:
-        return candidates
-    # Only a folder with several headers can hold segments of a multi-segment record.
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        texts = list(pool.map(lambda h: _read_text(h, 64 << 10), candidates))
-    segments: set[str] = set()
-    for text in texts:
-        segments.update(_segment_names(text))
-    return [h for h in candidates if _basename_stem(h) not in segments]
+def _records_list(records_file: str) -> tuple[list[str], list[str]]:
+    """(record paths, sub-folder entries) a RECORDS file lists, relative to its folder."""
+    records, folders = [], []
+    for line in _read_text(records_file).splitlines():
+        name = line.strip()
+        if not name or name.startswith("#"):
+            continue
+        (folders if name.endswith("/") else records).append(name)
+    return records, folders
 
 
-def _basename_stem(path: str) -> str:
-    base = posixpath.basename(path) if is_remote(path) else os.path.basename(path)
-    return base[: -len(".hea")] if base.endswith(".hea") else base
+def _listed_path(folder: str, name: str) -> str:
+    parts = [p for p in name.replace("\\", "/").split("/") if p and p != "."]
+    path = folder
+    for p in parts:
+        path = _join(path, p)
+    return path if _is_record_file(path) else path + ".hea"
 
 
-def _apply_rule(headers: Iterable[str]) -> list[str]:
+def _default_rule(folder_files: list[str]) -> list[str]:
+    """One folder without RECORDS: every header is a record, except layout headers and the
+    segments a multi-segment header of the folder names; an EDF file is a record unless a
+    header of the same name is."""
+    headers = [f for f in folder_files if f.lower().endswith(".hea")]
+    header_stems = {_stem(h) for h in headers}
+    candidates = [h for h in headers if not _stem(h).endswith("_layout")]
+    edfs = [f for f in folder_files if f.lower().endswith(".edf") and _stem(f) not in header_stems]
+    if len(candidates) >= 2:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            texts = list(pool.map(lambda h: _read_text(h, 1 << 20), candidates))
+        segments: set[str] = set()
+        for text in texts:
+            segments.update(_segment_names(text))
+        candidates = [h for h in candidates if _stem(h) not in segments]
+    return candidates + edfs
+
+
+def _apply_rule(files: Iterable[str], root: str | None) -> list[str]:
+    """The discovery rule over a listing of headers, EDF files and RECORDS files.
+
+    Where a folder has a RECORDS file, it lists that folder's records: the lines name
+    records (possibly in sub-folders, as in PTB-XL) or, ending in '/', sub-folders that
+    follow their own rule (as in MIMIC). A RECORDS file governs its folder and every
+    sub-folder it does not hand on that way. Elsewhere `_default_rule` applies. With no
+    `root` (a glob) only RECORDS files in a header's own folder count.
+    """
     by_folder: dict[str, list[str]] = defaultdict(list)
-    for h in headers:
-        by_folder[_dirname(h)].append(h)
-    out: list[str] = []
+    records_files: dict[str, str] = {}
+    for f in files:
+        folder = _dirname(f)
+        if _basename(f) == "RECORDS":
+            records_files[folder] = f
+        else:
+            by_folder[folder].append(f)
+    if root is None:  # glob: look for a RECORDS file beside each header
+        for folder in by_folder:
+            candidate = _join(folder, "RECORDS")
+            if FileSystems.exists(candidate):
+                records_files[folder] = candidate
+    listed: dict[str, tuple[list[str], list[str]]] = {
+        folder: _records_list(path) for folder, path in records_files.items()
+    }
+    root_norm = None if root is None else _dirname(_join(root, "x"))
+
+    def under(path: str, folder: str) -> bool:
+        sep = "/" if is_remote(folder) else os.sep
+        return path == folder or path.startswith(folder.rstrip(sep) + sep)
+
+    def governed(folder: str) -> bool:
+        """Whether a RECORDS file at or above `folder` (inside root) lists its records."""
+        current = folder
+        while True:
+            if current in listed:
+                if current == folder:
+                    return True
+                handed_on = [_join(current, d.strip("/")) for d in listed[current][1]]
+                return not any(under(folder, d) for d in handed_on)
+            if root_norm is None or current == root_norm or not under(current, root_norm):
+                return False
+            parent = _dirname(current)
+            if parent == current or not parent:
+                return False
+            current = parent
+
+    out: set[str] = set()
+    for folder, names in listed.items():
+        out.update(_listed_path(folder, n) for n in names[0])
     for folder in sorted(by_folder):
-        out.extend(_records_in_folder(folder, by_folder[folder]))
-    return out
+        if not governed(folder):
+            out.update(_default_rule(by_folder[folder]))
+    return sorted(out)
 
 
 def _relative_id(path: str, root: str) -> str:
     root = root.rstrip("/").rstrip(os.sep)
     rel = path[len(root) :].lstrip("/").lstrip(os.sep) if path.startswith(root) else path
     rel = rel.replace(os.sep, "/")
-    return rel[: -len(".hea")] if rel.endswith(".hea") else rel
+    return rel.rsplit(".", 1)[0] if _is_record_file(rel) else rel
 
 
 def _glob_root(pattern: str) -> str:
@@ -158,7 +258,7 @@ def _glob_root(pattern: str) -> str:
 
 
 def _read_manifest(src: str) -> Iterator[RecordRef]:
-    text = _read_text(src, limit=1 << 40)
+    text = _read_text(src, limit=None)
     reader = csv.DictReader(io.StringIO(text))
     if not reader.fieldnames or "path" not in reader.fieldnames:
         raise SourceError(f"manifest {src} has no 'path' column")
@@ -167,9 +267,9 @@ def _read_manifest(src: str) -> Iterator[RecordRef]:
         written = (row.pop("path") or "").strip()
         if not written:
             continue
-        hea = written if written.endswith(".hea") else written + ".hea"
+        hea = written if _is_record_file(written) else written + ".hea"
         full = hea if (is_remote(hea) or os.path.isabs(hea)) else _join(base, hea)
-        rid = written[: -len(".hea")] if written.endswith(".hea") else written
+        rid = written.rsplit(".", 1)[0] if _is_record_file(written) else written
         yield RecordRef(rid, full, {k: (v if v is not None else "") for k, v in row.items()})
 
 
@@ -190,11 +290,12 @@ def discover(src: str) -> Iterator[RecordRef]:
         return
     if kind == "glob":
         root = _glob_root(src)
-        for path in _apply_rule(_glob_headers(src)):
+        for path in _apply_rule(_glob_headers(src), None):
             yield RecordRef(_relative_id(path, root), path)
         return
-    if src.endswith(".hea"):
+    if _is_record_file(src):
         yield RecordRef(_relative_id(src, _dirname(src)), src)
         return
-    for path in _apply_rule(_list_headers(src)):
-        yield RecordRef(_relative_id(path, src), path)
+    root = src if is_remote(src) else _local(src)
+    for path in _apply_rule(_list_files(root), root):
+        yield RecordRef(_relative_id(path, root), path)

@@ -191,9 +191,11 @@ def _copy_100(tmp_path, lines_hook=None, dat_bytes=None):
     src = _need(os.path.join(SAMPLE, "100.hea"))
     dst = tmp_path / "rec"
     dst.mkdir(exist_ok=True)
-    dat = open(os.path.join(SAMPLE, "100.dat"), "rb").read()
+    with open(os.path.join(SAMPLE, "100.dat"), "rb") as fh:
+        dat = fh.read()
     (dst / "100.dat").write_bytes(dat if dat_bytes is None else dat_bytes(dat))
-    text = open(src).read()
+    with open(src) as fh:
+        text = fh.read()
     if lines_hook:
         text = lines_hook(text)
     (dst / "100.hea").write_text(text)
@@ -295,7 +297,9 @@ def test_segment_length_mismatch(tmp_path):
     dst = tmp_path / "041s"
     shutil.copytree(src, dst)
     master = dst / "041s.hea"
-    master.write_text(master.read_text().replace("041s02 1000", "041s02 1200").replace(" 2000 ", " 2200 "))
+    master.write_text(
+        master.read_text().replace("041s02 1000", "041s02 1200").replace(" 2000 ", " 2200 ")
+    )
     assert _error(str(master)).error_type == "segment_length_mismatch"
 
 

@@ -219,9 +219,7 @@ class _Leaf:
                 )
             g = groups[s.file_name]
             if s.fmt != g.fmt:
-                raise RecordError(
-                    STAGE, "bad_header", f"{where}: file {s.file_name} mixes formats"
-                )
+                raise RecordError(STAGE, "bad_header", f"{where}: file {s.file_name} mixes formats")
             g.channels.append(i)
             g.spf.append(s.spf)
             g.skew.append(s.skew)
@@ -247,7 +245,10 @@ class _Leaf:
         return [self.header.signals[i].spf for i in self.keep]
 
     def rate_specs(self) -> list[tuple[str, float]]:
-        return [(self.header.signals[i].name, self.header.fs * self.header.signals[i].spf) for i in self.keep]
+        return [
+            (self.header.signals[i].name, self.header.fs * self.header.signals[i].spf)
+            for i in self.keep
+        ]
 
     def _infer_len(self) -> int:
         first = self.dat_files[0]
@@ -432,9 +433,7 @@ def _to_physical(dst: np.ndarray, digital: np.ndarray, spec: SignalSpec, invalid
 class _Multi:
     """A multi-segment record: segments (or gaps) concatenated over a channel layout."""
 
-    def __init__(
-        self, header: Header, folder: str, files: _Files, where: str, depth: int
-    ) -> None:
+    def __init__(self, header: Header, folder: str, files: _Files, where: str, depth: int) -> None:
         self.header = header
         self.where = where
         names, lens = header.seg_names or [], header.seg_lens or []
@@ -535,9 +534,7 @@ class _Multi:
         used: set[int] = set()
         out = []
         for name in src.names:
-            idx = next(
-                (j for j, n in enumerate(self.names) if n == name and j not in used), -1
-            )
+            idx = next((j for j, n in enumerate(self.names) if n == name and j not in used), -1)
             if idx >= 0:
                 used.add(idx)
             out.append(idx)
