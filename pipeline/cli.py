@@ -63,6 +63,9 @@ def _run_job(command: str, argv: list[str]) -> int:
     except (UsageError, SourceError, OutputError, ArtifactError) as exc:
         return _fail(str(exc))
     summary = outcome.summary
+    if summary.get("dry_run"):
+        print(f"dry run: the {summary['runner']} job was built; nothing was run or written")
+        return 0
     print_summary(summary)
     print(f"outputs in {summary.get('output', '')}".strip(), file=sys.stderr)
     return 0
@@ -75,7 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(__doc__)
         return 0 if argv else 2
-    command, rest = argv[0], argv[1:]
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _dispatch(argv[0], argv[1:])
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:500]
+        return _fail(f"{type(exc).__name__}: {first} (rerun with --debug for the traceback)", 1)
+
+
+def _dispatch(command: str, rest: list[str]) -> int:
     if command in JOB_COMMANDS:
         return _run_job(command, rest)
     if command == "demo":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from ecgtok.pipeline import graph, outputs
+from ecgtok.pipeline import graph, outputs, runners
 from ecgtok.pipeline.discovery import check_source, manifest_columns
 from ecgtok.pipeline.options import (
     EcgtokOptions,
@@ -44,7 +44,7 @@ def _require(value, flag: str):
     return value
 
 
-def _resolve(opts: EcgtokOptions, mode: str) -> graph.JobConfig:
+def _resolve(opts: EcgtokOptions, mode: str, check_paths: bool = True) -> graph.JobConfig:
     from ecgtok.models.model import load_model
     from ecgtok.models.tokenizer import Tokenizer
 
@@ -65,13 +65,14 @@ def _resolve(opts: EcgtokOptions, mode: str) -> graph.JobConfig:
     if opts.segment_seconds <= 0:
         raise UsageError("--segment_seconds must be positive")
     if mode in (TOKENIZE, RUN):
-        check_source(src)
+        if check_paths:
+            check_source(src)
         cfg.extra_columns = manifest_columns(src)
         cfg.tokenizer_id = Tokenizer.load(tok_dir).tokenizer_id
     if mode in (SCORE, RUN):
         _, mcfg = load_model(model_dir, "cpu")
         cfg.model_id = mcfg["model_id"]
-    if mode == SCORE:
+    if mode == SCORE and check_paths:
         cfg.input = _token_glob(src)
         cfg.extra_columns = _extra_columns_of_shards(cfg.input)
     return cfg
@@ -149,9 +150,42 @@ def summarise(dst: str, mode: str, cfg: graph.JobConfig, counters: dict, extra: 
 def _pipeline_options(argv: list[str]) -> tuple[PipelineOptions, EcgtokOptions]:
     from ecgtok.pipeline.argv import check_beam_args
 
+    argv = runners.normalise_argv(argv)
     check_beam_args(argv)
     options = PipelineOptions(argv)
+    problem = runners.runner_problem(options)
+    if problem:
+        raise UsageError(problem)
     return options, options.view_as(EcgtokOptions)
+
+
+def _make_pipeline(options: PipelineOptions, test_pipeline) -> tuple[beam.Pipeline, str]:
+    if test_pipeline is not None:
+        return test_pipeline, type(test_pipeline.runner).__name__
+    if is_local_default(options):
+        p = beam.Pipeline(runner=local_runner(options), options=options)
+        return p, f"FnApiRunner({options.get_all_options()['direct_running_mode']})"
+    try:
+        p = beam.Pipeline(options=options)
+    except ValueError as exc:  # Beam's option validation, e.g. a malformed project id
+        raise UsageError(" ".join(str(exc).split())) from exc
+    return p, str(options.view_as(StandardOptions).runner)
+
+
+_BUILDERS = {
+    TOKENIZE: graph.build_tokenize,
+    SCORE: graph.build_score_only,
+    RUN: graph.build_pipeline,
+}
+_FOLDERS = {TOKENIZE: ("tokens", "errors"), SCORE: ("scores",), RUN: outputs.OUTPUT_FOLDERS}
+
+
+def _dry_run(options: PipelineOptions, cfg: graph.JobConfig, mode: str) -> JobOutcome:
+    """Build (and let a runner such as Dataflow translate) the job; write nothing."""
+    p, runner_name = _make_pipeline(options, None)
+    _BUILDERS[mode](p, cfg)
+    result = p.run()
+    return JobOutcome(result, {"mode": mode, "dry_run": True, "runner": runner_name})
 
 
 def run(argv: list[str], mode: str = RUN, test_pipeline=None) -> beam.runners.runner.PipelineResult:
@@ -161,32 +195,22 @@ def run(argv: list[str], mode: str = RUN, test_pipeline=None) -> beam.runners.ru
 
 def run_job(argv: list[str], mode: str = RUN, test_pipeline=None) -> JobOutcome:
     options, opts = _pipeline_options(argv)
-    cfg = _resolve(opts, mode)
-    dst = cfg.output
-    outputs.check_output(dst, opts.overwrite)
+    dry = runners.is_dry_run(options)
+    cfg = _resolve(opts, mode, check_paths=not dry)
+    if dry:
+        return _dry_run(options, cfg, mode)
+    final_dst = cfg.output
+    outputs.check_output(final_dst, opts.overwrite)
     run_id = uuid.uuid4().hex[:12]
-    staged = outputs.staging_dir(dst, run_id)
-    final_dst = dst
+    staged = outputs.staging_dir(final_dst, run_id)
     cfg.output = staged
-    if test_pipeline is not None:
-        p = test_pipeline
-        runner_name = type(p.runner).__name__
-    elif is_local_default(options):
-        runner = local_runner(options)
-        p = beam.Pipeline(runner=runner, options=options)
-        runner_name = f"FnApiRunner({options.get_all_options()['direct_running_mode']})"
-    else:
-        p = beam.Pipeline(options=options)
-        runner_name = str(options.view_as(StandardOptions).runner)
-    {TOKENIZE: graph.build_tokenize, SCORE: graph.build_score_only, RUN: graph.build_pipeline}[
-        mode
-    ](p, cfg)
+    p, runner_name = _make_pipeline(options, test_pipeline)
+    _BUILDERS[mode](p, cfg)
     t0 = time.perf_counter()
     result = p.run()
     result.wait_until_finish()
     wall = time.perf_counter() - t0
-    folders = {TOKENIZE: ("tokens", "errors"), SCORE: ("scores",), RUN: outputs.OUTPUT_FOLDERS}
-    outputs.promote(staged, final_dst, folders[mode])
+    outputs.promote(staged, final_dst, _FOLDERS[mode])
     cfg.output = final_dst
     summary = summarise(
         final_dst,

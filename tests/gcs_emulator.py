@@ -5,6 +5,13 @@ client honours `STORAGE_EMULATOR_HOST`; with `NO_GCE_CHECK=true` and no credenti
 the machine Beam falls back to an anonymous client. So pointing the environment at the
 emulator is all gs:// paths need: no code path of the project knows about the emulator.
 
+One shortcut, for tests only: with no Application Default Credentials on the machine,
+Beam 2.77 spends ~25 s per process retrying `google.auth.default()` (exponential backoff)
+before it settles on an anonymous client. The fixture primes Beam's process-wide
+credential cache (`apache_beam.internal.gcp.auth._Credentials`) with that same outcome,
+anonymous, and restores it afterwards; the tests then behave the same with or without
+credentials on the machine. Production code does nothing of the kind.
+
 Use the `gcs` fixture (import it into a test module: `from gcs_emulator import gcs`).
 """
 
@@ -69,6 +76,11 @@ def gcs():
     saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "NO_GCE_CHECK")}
     os.environ["STORAGE_EMULATOR_HOST"] = host
     os.environ["NO_GCE_CHECK"] = "true"
+    from apache_beam.internal.gcp import auth
+
+    creds = auth._Credentials
+    saved_creds = (creds._credentials_init, creds._credentials)
+    creds._credentials_init, creds._credentials = True, None
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -82,6 +94,7 @@ def gcs():
         yield Emulator(host, BUCKET)
     finally:
         server.stop()
+        creds._credentials_init, creds._credentials = saved_creds
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -43,13 +43,15 @@ LAG = 2  # samples at FS_C: x[n+LAG] - x[n-LAG] peaks at FS_C / (4 * LAG) = 15.6
 MWI_S = 0.10  # moving-window integration, s
 BLOCK_S = 2.0  # quality/scale block, s
 SUB_BLOCKS = 4  # noise bursts are judged on quarter blocks
-BURST_PCT = 0.10  # a burst fills the sub-block; a wide beat does not
-BURST_HF = 0.5  # high-/QRS-band energy ratio above which a lead counts as noisy
+BURST_PCT = 0.25  # a burst fills the sub-block; a wide beat does not
+BURST_FLOOR = 0.05  # sub-block floor / beat scale above which a lead counts as noisy
 SCALE_BLOCKS = 5  # running median span for the lead scale, blocks
 LONG_BLOCKS = 31  # running median span for a lead's long-run beat level, blocks
 REFRACTORY_S = 0.20
 T_WAVE_S = 0.36
 SEARCHBACK_RR = 1.66
+SUPPORT_LEVEL = 0.02  # a lead "sees" a beat at this fraction of its usual beat energy
+SUPPORT_SHARE = 0.5  # share of the usable leads' weight that must see a beat
 CHUNK_S = 3600.0  # processing chunk, s (the core; overlap is added both sides)
 OVERLAP_S = 10.0
 MAX_CHUNK_LEAD_SAMPLES = 24_000_000  # caps a chunk's raw size for high-rate many-lead input
@@ -186,25 +188,23 @@ def _block_sum(v: np.ndarray, b: int) -> np.ndarray:
     return v.reshape(n_leads, nb, b).sum(axis=2)
 
 
-def _burst_weights(xc: np.ndarray, d2: np.ndarray, sb: int, q: np.ndarray) -> np.ndarray:
+def _burst_weights(e: np.ndarray, sb: int, scale: np.ndarray, q: np.ndarray) -> np.ndarray:
     """Per sub-block (~0.5 s) weight in [0, 1] that demotes a lead during a noise burst.
 
-    Muscle noise and electrode crackle are broadband; QRS complexes, wide ectopic beats
-    and motion are not. The ratio of second-difference energy (peaks at 62 Hz) to the
-    detector's slope energy (peaks at 16 Hz) separates them, and it does not depend on
-    the heart rate or QRS width the way an energy floor does. Like the artefact tests
-    it is relative: a lead only loses weight where another usable lead is much cleaner,
-    so a lone noisy lead keeps detecting.
+    A burst shorter than a block barely moves the block's floor, so the floor (a low
+    percentile of the feature) is measured again per sub-block, relative to the lead's
+    beat scale. Like the artefact tests this is relative: a lead only loses weight where
+    another usable lead is much quieter, so a lone noisy lead keeps detecting.
     """
-    s2 = np.zeros_like(xc)
-    s2[:, 1:-1] = xc[:, 2:] - 2 * xc[:, 1:-1] + xc[:, :-2]
-    hf = _block_sum(s2 * s2, sb) / (_block_sum(d2, sb) + _EPS)
-    ns = hf.shape[1]
+    _, floor_s = _block_stats(e, sb, BURST_PCT)
+    ns = floor_s.shape[1]
+    rep = np.repeat(scale, SUB_BLOCKS, axis=1)[:, :ns]
     ok = np.repeat(q, SUB_BLOCKS, axis=1)[:, :ns] > 0.2
+    nz = floor_s / rep
     if ns > 1:  # a burst straddling a sub-block edge counts in both
-        hf = np.maximum(hf, np.concatenate([hf[:, 1:], hf[:, -1:]], axis=1))
-        hf = np.maximum(hf, np.concatenate([hf[:, :1], hf[:, :-1]], axis=1))
-    badness = np.maximum(hf / BURST_HF, 1.0)
+        nz = np.maximum(nz, np.concatenate([nz[:, 1:], nz[:, -1:]], axis=1))
+        nz = np.maximum(nz, np.concatenate([nz[:, :1], nz[:, :-1]], axis=1))
+    badness = np.maximum(nz / BURST_FLOOR, 1.0)
     best = np.where(ok, badness, np.inf).min(axis=0, keepdims=True)
     rel = np.clip(1.25 * best / badness, 0.0, 1.0) ** 2
     return np.where(np.isfinite(best), rel, 1.0)
@@ -269,9 +269,32 @@ def _vf_mask(xc: np.ndarray, fs_c: float, b: int) -> np.ndarray:
     return out
 
 
-def _decide(f: np.ndarray, g: np.ndarray, fs_c: float) -> np.ndarray:
+def _support(cand: np.ndarray, leads, fs_c: float) -> np.ndarray:
+    """True for candidates that the usable leads agree on.
+
+    A QRS shows in nearly every lead; a noise spike or crackle usually in one. Each
+    usable lead (weight >= 0.5) votes with its weight for a candidate when its own
+    normalised feature reaches SUPPORT_LEVEL of its usual beat within +-50 ms.
+    Candidates need at least half of the vote; where fewer than two leads are usable
+    every candidate passes.
+    """
+    e, inv, w = leads
+    n = e.shape[1]
+    hw = int(round(0.05 * fs_c))
+    win = np.clip(cand[:, None] + np.arange(-hw, hw + 1)[None, :], 0, n - 1)
+    lvl = (e[:, win] * inv[:, cand][:, :, None]).max(axis=2)  # (leads, cand)
+    wc = w[:, cand]
+    usable = wc >= 0.5
+    vote = np.where(usable, wc, 0.0)
+    total = vote.sum(axis=0)
+    yes = np.where(lvl >= SUPPORT_LEVEL, vote, 0.0).sum(axis=0)
+    return (usable.sum(axis=0) < 2) | (yes >= SUPPORT_SHARE * total)
+
+
+def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray:
     """Pan-Tompkins-style adaptive decision on the fused feature `f` (fused squared slope
-    `g` for the T-wave test). Returns sample indices at the canonical rate."""
+    `g` for the T-wave test). `leads` = (e, inv, w) per lead enables the cross-lead
+    agreement test. Returns sample indices at the canonical rate."""
     n = f.shape[0]
     refr = int(round(REFRACTORY_S * fs_c))
     cand, _ = sps.find_peaks(f, height=0.02, distance=max(1, refr))
@@ -284,6 +307,7 @@ def _decide(f: np.ndarray, g: np.ndarray, fs_c: float) -> np.ndarray:
     hw = int(round(0.04 * fs_c))
     win = np.clip(cand[:, None] + np.arange(-hw, hw + 1)[None, :], 0, n - 1)
     sls = g[win].max(axis=1).tolist()
+    sup = _support(cand, leads, fs_c).tolist() if leads is not None else [True] * len(ts)
 
     init = int(2 * fs_c)
     first = [h for t, h in zip(ts, hs) if t < init]
@@ -317,7 +341,7 @@ def _decide(f: np.ndarray, g: np.ndarray, fs_c: float) -> np.ndarray:
         best, best_h = -1, 0.5 * thr
         for j in range(last_ci + 1, end_ci):
             tj = ts[j]
-            if tj - last_t > refr and t_end - tj > refr and hs[j] > best_h:
+            if tj - last_t > refr and t_end - tj > refr and hs[j] > best_h and sup[j]:
                 best, best_h = j, hs[j]
         if best >= 0:
             accept(best, 0.25)
@@ -369,14 +393,14 @@ def _detect_chunk(x: np.ndarray, fs: float) -> np.ndarray:
     both = _expand(np.concatenate([1.0 / scale, q]), b, nc)
     inv, w = both[:n_leads], both[n_leads:]
     if n_leads > 1:
-        w = w * _expand(_burst_weights(xc, d2, sb, q), sb, nc)
+        w = w * _expand(_burst_weights(e, sb, scale, q), sb, nc)
     wsum = w.sum(axis=0)
     contrib = w * np.minimum(e * inv, NORM_CAP)
     num = contrib.sum(axis=0)
     f = num / np.maximum(wsum, 0.5)
     f[wsum < 0.05] = 0.0
     g = (w * d2 * inv).sum(axis=0) / np.maximum(wsum, 0.5)
-    beats_c = _decide(f, g, fs_c)
+    beats_c = _decide(f, g, fs_c, (e, inv, w) if n_leads > 1 else None)
     if beats_c.size == 0:
         return beats_c
     return _refine(x, fs, xc, base_c, fs_c, beats_c, contrib)

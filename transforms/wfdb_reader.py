@@ -28,10 +28,12 @@ Output conventions:
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import posixpath
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -99,36 +101,61 @@ def _basename(path: str) -> str:
 
 
 class _Files:
-    """Sizes and byte ranges of a record's files, local or through Beam's FileSystems."""
+    """Sizes and byte ranges of a record's files, local or through Beam's FileSystems.
+
+    On a remote filesystem a size costs a request, so the file is opened once: its size
+    comes from the open reader (GCS fetches the object's metadata on open), and the
+    reader is kept (a few at a time) for the byte ranges read later.
+    """
+
+    MAX_OPEN = 16
 
     def __init__(self) -> None:
         self._sizes: dict[str, int | None] = {}
+        self._handles: dict[str, object] = {}
 
     def size(self, path: str) -> int | None:
         if path not in self._sizes:
-            self._sizes[path] = self._size(path)
+            self._sizes[path] = self._local_size(path) if _is_local(path) else self._remote(path)
         return self._sizes[path]
 
     @staticmethod
-    def _size(path: str) -> int | None:
-        if _is_local(path):
-            try:
-                st = os.stat(_local(path))
-            except OSError:
-                return None
-            return st.st_size if os.path.isfile(_local(path)) else None
-        from apache_beam.io.filesystems import FileSystems
-
+    def _local_size(path: str) -> int | None:
         try:
-            found = FileSystems.match([path])[0].metadata_list
+            st = os.stat(_local(path))
+        except OSError:
+            return None
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+    def _remote(self, path: str) -> int | None:
+        """Open a remote file, keep its reader, return its size (None when absent)."""
+        try:
+            f = self.open(path)
         except Exception:
             return None
-        for meta in found:
-            if meta.path == path:
-                return meta.size_in_bytes
-        return None
+        try:
+            size = f.seek(0, io.SEEK_END)
+            f.seek(0)
+        except Exception:
+            f.close()
+            from apache_beam.io.filesystems import FileSystems
+
+            try:
+                found = FileSystems.match([path])[0].metadata_list
+            except Exception:
+                return None
+            return next((m.size_in_bytes for m in found if m.path == path), None)
+        self._keep(path, f)
+        return size
+
+    def _keep(self, path: str, f) -> None:
+        while len(self._handles) >= self.MAX_OPEN:
+            oldest = next(iter(self._handles))
+            self._handles.pop(oldest).close()
+        self._handles[path] = f
 
     def open(self, path: str):
+        """A new reader (the caller closes it)."""
         if _is_local(path):
             return open(_local(path), "rb")
         from apache_beam.io.filesystems import CompressionTypes, FileSystems
@@ -140,10 +167,24 @@ class _Files:
         )
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
-        with self.open(path) as f:
-            if offset:
+        f = self._handles.pop(path, None)
+        if f is None:
+            with self.open(path) as f:
                 f.seek(offset)
-            return f.read() if length is None else f.read(length)
+                return f.read() if length is None else f.read(length)
+        try:
+            f.seek(offset)
+            data = f.read() if length is None else f.read(length)
+        except Exception:
+            f.close()
+            raise
+        self._keep(path, f)
+        return data
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
 
 
 def _safe_member(folder: str, name: str) -> str:
@@ -224,6 +265,7 @@ class _Leaf:
             g.spf.append(s.spf)
             g.skew.append(s.skew)
         self.dat_files = list(groups.values())
+        self._diff_state: dict[str, tuple[int, list[int]]] = {}
         self.keep = [i for i, s in enumerate(sigs) if not is_annotation(s.name)]
         if not self.keep:
             raise RecordError(STAGE, "no_signals", f"{where} holds only annotation channels")
@@ -313,7 +355,10 @@ class _Leaf:
                 continue
             max_skew = max(dat.skew)
             fe = min(f1 + max_skew, self.n_frames)
-            fs0 = 0 if dat.fmt == "8" else f0  # format 8 holds differences from frame 0
+            fs0 = f0
+            if dat.fmt == "8":  # differences: continue from the last frame decoded, or 0
+                state = self._diff_state.get(dat.name)
+                fs0 = state[0] if state is not None and state[0] <= f0 else 0
             invalid = INVALID[dat.fmt]
             if (
                 m == 1
@@ -385,12 +430,20 @@ class _Leaf:
         frames = self._read_frames(dat, f0, fe)
         out, c0 = [], 0
         if dat.fmt == "8":
-            sigs = self.header.signals
+            state = self._diff_state.get(dat.name)
+            if state is not None and state[0] == f0:
+                start = state[1]
+            else:
+                start = [self.header.signals[c].init_value for c in dat.channels]
+            last = []
             for j, s in enumerate(dat.spf):
-                d = frames[:, c0 : c0 + s].reshape(-1).cumsum(dtype=np.int32)
-                d += sigs[dat.channels[j]].init_value
+                d = frames[:, c0 : c0 + s].reshape(-1).cumsum(dtype=np.int64)
+                d += start[j]
                 out.append(d)
+                last.append(int(d[-1]) if len(d) else start[j])
                 c0 += s
+            # Where the next sequential read (chunks) can start without re-reading.
+            self._diff_state[dat.name] = (fe, last)
             return out
         for s in dat.spf:
             out.append(frames[:, c0] if s == 1 else frames[:, c0 : c0 + s].reshape(-1))
@@ -661,7 +714,14 @@ class RecordReader:
 
     def __init__(self, path: str, record_id: str | None = None) -> None:
         self.source_path = path
-        files = _Files()
+        self._files = files = _Files()
+        try:
+            self._open(path, record_id, files)
+        except BaseException:
+            files.close()
+            raise
+
+    def _open(self, path: str, record_id: str | None, files: _Files) -> None:
         folder = _dirname(path)
         name = _basename(path)
         lower = name.lower()
@@ -701,6 +761,16 @@ class RecordReader:
     @property
     def n_leads(self) -> int:
         return len(self.lead_names)
+
+    def close(self) -> None:
+        """Release the remote readers kept open (local files are never kept open)."""
+        self._files.close()
+
+    def __enter__(self) -> RecordReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Samples [start, stop) as (n, leads) float32 mV."""
@@ -760,4 +830,5 @@ def open_record(path: str, record_id: str | None = None) -> RecordReader:
 
 def read_record(hea_path: str, record_id: str | None = None) -> Record:
     """Read the record whose header is `hea_path` (local path or any Beam filesystem URL)."""
-    return open_record(hea_path, record_id).record()
+    with open_record(hea_path, record_id) as reader:
+        return reader.record()
