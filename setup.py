@@ -12,6 +12,7 @@ from setuptools import setup
 PACKAGES = {
     "ecgtok.pipeline": "pipeline",
     "ecgtok.transforms": "transforms",
+    "ecgtok.transforms.formats": "transforms/formats",
     "ecgtok.models": "models",
 }
 

@@ -16,12 +16,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BEAT_SYMBOLS = frozenset(["N", "L", "R", "B", "A", "a", "J", "S", "V", "r", "F", "e", "j", "n", "E", "/", "f", "Q", "?"])
+BEAT_SYMBOLS = frozenset("N L R B A a J S V r F e j n E / f Q ?".split())
 VF_START, VF_END = "[", "]"
 
 
 @dataclass(frozen=True)
 class Score:
+    """Matching counts; `se` and `ppv` are fractions (1.0 when undefined)."""
+
     tp: int = 0
     fn: int = 0
     fp: int = 0
@@ -31,12 +33,12 @@ class Score:
 
     @property
     def se(self) -> float:
-        """Sensitivity TP / (TP + FN); 1.0 when there is no reference beat."""
+        """Sensitivity TP / (TP + FN)."""
         return self.tp / (self.tp + self.fn) if self.tp + self.fn else 1.0
 
     @property
     def ppv(self) -> float:
-        """Positive predictivity TP / (TP + FP); 1.0 when nothing was detected."""
+        """Positive predictivity TP / (TP + FP)."""
         return self.tp / (self.tp + self.fp) if self.tp + self.fp else 1.0
 
 
@@ -45,16 +47,15 @@ def match_beats(ref, det, tol: float) -> tuple[int, int, int]:
 
     Returns (tp, fn, fp). Both inputs are sorted first; duplicates count separately.
     Each reference beat, in time order, takes the earliest unused detection within its
-    window. Because every window is an interval and windows move forward with the
-    reference, this greedy choice gives the largest possible number of matches.
+    window. Every window is an interval and the windows move forward with the
+    reference, so this greedy choice gives the largest possible number of matches.
     """
-    r = np.sort(np.asarray(ref, dtype=np.float64).ravel())
-    d = np.sort(np.asarray(det, dtype=np.float64).ravel())
     if tol < 0:
         raise ValueError("tolerance must be >= 0")
-    # first detection that could match each reference beat (d >= r - tol)
-    lo = np.searchsorted(d, r - tol, side="left")
-    hi = np.searchsorted(d, r + tol, side="right")
+    r = np.sort(np.asarray(ref, dtype=np.float64).ravel())
+    d = np.sort(np.asarray(det, dtype=np.float64).ravel())
+    lo = np.searchsorted(d, r - tol, side="left")  # first detection not too early
+    hi = np.searchsorted(d, r + tol, side="right")  # first detection too late
     tp = 0
     nxt = 0  # detections before this index are used or passed
     for k in range(r.size):
@@ -76,7 +77,7 @@ def vf_episodes(samples, symbols, n_samples: int | None = None) -> list[tuple[in
             out.append((start, int(s)))
             start = None
     if start is not None:
-        end = int(n_samples - 1) if n_samples is not None else np.iinfo(np.int64).max
+        end = int(n_samples - 1) if n_samples is not None else int(np.iinfo(np.int64).max)
         out.append((start, end))
     return out
 
@@ -106,5 +107,4 @@ def score_record(
     det = np.asarray(detections, dtype=np.int64)
     ref = ref[outside(ref, episodes)]
     det = det[outside(det, episodes)]
-    tp, fn, fp = match_beats(ref, det, window * float(fs))
-    return Score(tp, fn, fp)
+    return Score(*match_beats(ref, det, window * float(fs)))

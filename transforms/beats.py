@@ -35,16 +35,35 @@ def _as_2d(signal: np.ndarray) -> np.ndarray:
     return x[:, None] if x.ndim == 1 else x
 
 
+def _block_ptp(x: np.ndarray, w: int) -> np.ndarray:
+    """Peak-to-peak per consecutive block of w samples, repeated back to (samples, leads)."""
+    n, n_leads = x.shape
+    nb = -(-n // w)
+    pad = nb * w - n
+    if pad:
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    blocks = x.reshape(nb, w, n_leads)
+    ptp = blocks.max(axis=1) - blocks.min(axis=1)
+    return np.repeat(ptp, w, axis=0)[:n]
+
+
 def lead_off_mask(signal: np.ndarray, fs: float, flat_mv: float = FLAT_MV) -> np.ndarray:
-    """(samples, leads) bool: True where a lead is flat (peak-to-peak < `flat_mv` mV over
-    a 200 ms window) or not finite. Lead-off electrodes read a constant or near-constant
-    value (often 0 or a rail); a real ECG moves by far more than 10 uV in 200 ms."""
+    """(samples, leads) bool: True where a lead is flat or not finite.
+
+    Flat means a peak-to-peak under `flat_mv` mV within a 100 ms block and in one of its
+    neighbours. Lead-off electrodes read a constant or near-constant value (often 0 or
+    a rail); a real ECG moves by far more than 10 uV in 200 ms.
+    """
     x = _as_2d(signal)
-    w = max(1, int(round(FLAT_WINDOW_S * fs)))
+    n = x.shape[0]
     finite = np.isfinite(x)
     xf = np.where(finite, x, 0.0)
-    ptp = maximum_filter1d(xf, w, axis=0) - minimum_filter1d(xf, w, axis=0)
-    return (ptp < flat_mv) | ~finite
+    w = max(1, int(round(FLAT_WINDOW_S * fs / 2)))
+    low = _block_ptp(xf, w) < flat_mv
+    # flat over 200 ms: this block and the previous or the next one are flat
+    prev = np.concatenate([low[:w], low[:-w]]) if n > w else low
+    nxt = np.concatenate([low[w:], low[-w:]]) if n > w else low
+    return (low & (prev | nxt)) | ~finite
 
 
 def saturation_mask(signal: np.ndarray, fs: float) -> np.ndarray:
@@ -53,14 +72,17 @@ def saturation_mask(signal: np.ndarray, fs: float) -> np.ndarray:
     x = _as_2d(signal)
     run = max(2, int(round(SAT_RUN_S * fs)))
     out = np.zeros(x.shape, dtype=bool)
-    fin = np.isfinite(x)
-    if not fin.any():
-        return out
-    xf = np.where(fin, x, np.nan)
-    at = (xf == np.nanmax(xf, axis=0)) | (xf == np.nanmin(xf, axis=0))
-    for lead in np.flatnonzero(at.sum(axis=0) >= run):
-        held = minimum_filter1d(at[:, lead].astype(np.uint8), run) > 0
-        out[:, lead] = maximum_filter1d(held.astype(np.uint8), run) > 0
+    for lead in range(x.shape[1]):
+        v = x[:, lead]
+        fin = np.isfinite(v)
+        if not fin.any():
+            continue
+        for rail in (v[fin].max(), v[fin].min()):
+            at = v == rail
+            if np.count_nonzero(at) < run:
+                continue
+            held = minimum_filter1d(at.view(np.uint8), run) > 0
+            out[:, lead] |= maximum_filter1d(held.view(np.uint8), run) > 0
     return out
 
 

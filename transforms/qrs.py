@@ -50,6 +50,7 @@ LONG_BLOCKS = 31  # running median span for a lead's long-run beat level, blocks
 REFRACTORY_S = 0.20
 T_WAVE_S = 0.36
 SEARCHBACK_RR = 1.66
+VF_BUSY = 0.01  # block floor / peak of the feature above which VF is tested for
 SUPPORT_LEVEL = 0.02  # a lead "sees" a beat at this fraction of its usual beat energy
 SUPPORT_SHARE = 0.5  # share of the usable leads' weight that must see a beat
 CHUNK_S = 3600.0  # processing chunk, s (the core; overlap is added both sides)
@@ -222,14 +223,16 @@ def _expand(v: np.ndarray, b: int, n: int) -> np.ndarray:
     return r
 
 
-def _vf_mask(xc: np.ndarray, fs_c: float, b: int) -> np.ndarray:
+def _vf_mask(xc: np.ndarray, fs_c: float, b: int, busy: np.ndarray) -> np.ndarray:
     """(leads, blocks) True where a lead looks like ventricular flutter/fibrillation.
 
     VF/VFL is a continuous large oscillation at 2.5-8 Hz without the flat baseline that
     separates QRS complexes. Test on 4 s windows (two blocks) of each lead: the
     band 2.5-8 Hz holds most of the power, one narrow spectral peak dominates, and the
     signal spends little time near its baseline. The test runs at half the canonical
-    rate (everything it looks at is below 30 Hz).
+    rate (everything it looks at is below 30 Hz), and only on windows where `busy`
+    (leads, blocks) says the feature never falls back to its floor; a QRS train with a
+    flat baseline between beats cannot be VF, which spares the spectra on most blocks.
     """
     n_leads, n = xc.shape
     nb = -(-n // b)
@@ -246,8 +249,12 @@ def _vf_mask(xc: np.ndarray, fs_c: float, b: int) -> np.ndarray:
     wide = (freqs >= 0.7) & (freqs <= 30.0)
     k = max(1, int(round(0.5 / freqs[1])))
     taper = np.hanning(win).astype(np.float32)
-    starts = np.arange(0, xv.shape[1] - win + 1, bv)
+    all_starts = np.arange(0, xv.shape[1] - win + 1, bv)
     for lead in range(n_leads):
+        j = all_starts // bv
+        starts = all_starts[busy[lead, j] | busy[lead, np.minimum(j + 1, nb - 1)]]
+        if starts.size == 0:
+            continue
         seg = np.lib.stride_tricks.sliding_window_view(xv[lead], win)[starts]
         seg = seg - seg.mean(axis=1, keepdims=True)
         spec = np.abs(np.fft.rfft(seg * taper, nfft, axis=1)) ** 2
@@ -388,7 +395,7 @@ def _detect_chunk(x: np.ndarray, fs: float) -> np.ndarray:
     base_c = uniform_filter1d(xc, int(round(0.3 * fs_c)) | 1, axis=1, mode="nearest")
     wander = _block_ptp(base_c, b)
     scale, q = _weights(peak, floor, wander)
-    vf = _vf_mask(xc, fs_c, b)
+    vf = _vf_mask(xc, fs_c, b, floor > VF_BUSY * peak)
     q[vf] = 0.0
     both = _expand(np.concatenate([1.0 / scale, q]), b, nc)
     inv, w = both[:n_leads], both[n_leads:]

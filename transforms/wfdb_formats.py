@@ -277,23 +277,34 @@ def decode_flat(fmt: str, buf: bytes, n_samp: int) -> np.ndarray:
     if len(buf) < need:
         buf = bytes(buf) + b"\x00" * (need - len(buf))
     b = np.frombuffer(buf, dtype=np.uint8, count=need).reshape(n_blocks, block_bytes)
-    b = b.astype(np.int32)
-    out = np.empty((n_blocks, per_block), dtype=np.int32)
+    out = np.empty((n_blocks, per_block), dtype=np.uint16)
     if fmt == "212":
-        out[:, 0] = b[:, 0] | ((b[:, 1] & 0x0F) << 8)
-        out[:, 1] = b[:, 2] | ((b[:, 1] & 0xF0) << 4)
-        out[out > 2047] -= 4096
-    elif fmt == "310":
-        out[:, 0] = (b[:, 0] >> 1) | ((b[:, 1] & 0x07) << 7)
-        out[:, 1] = (b[:, 2] >> 1) | ((b[:, 3] & 0x07) << 7)
-        out[:, 2] = ((b[:, 1] >> 3) & 0x1F) | (((b[:, 3] >> 3) & 0x1F) << 5)
-        out[out > 511] -= 1024
-    elif fmt == "311":
-        word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16) | (b[:, 3] << 24)
-        out[:, 0] = word & 0x3FF
-        out[:, 1] = (word >> 10) & 0x3FF
-        out[:, 2] = (word >> 20) & 0x3FF
-        out[out > 511] -= 1024
+        # 12-bit samples: low byte, then the shared byte's low / high nibble.
+        np.left_shift(b[:, 1] & 0x0F, 8, out=out[:, 0], dtype=np.uint16)
+        out[:, 0] |= b[:, 0]
+        np.left_shift(b[:, 1] & 0xF0, 4, out=out[:, 1], dtype=np.uint16)
+        out[:, 1] |= b[:, 2]
+        bits = 12
+    elif fmt in ("310", "311"):
+        word = b.view("<u4").reshape(-1) if b.flags.c_contiguous else None
+        if word is None:  # pragma: no cover - frombuffer arrays are contiguous
+            word = np.ascontiguousarray(b).view("<u4").reshape(-1)
+        if fmt == "310":
+            # 10-bit samples in bits 1-10 and 17-26 of the word; the third in bits
+            # 11-15 (low half) and 27-31 (high half).
+            out[:, 0] = (word >> 1) & 0x3FF
+            out[:, 1] = (word >> 17) & 0x3FF
+            out[:, 2] = ((word >> 11) & 0x1F) | (((word >> 27) & 0x1F) << 5)
+        else:
+            out[:, 0] = word & 0x3FF
+            out[:, 1] = (word >> 10) & 0x3FF
+            out[:, 2] = (word >> 20) & 0x3FF
+        bits = 10
     else:  # pragma: no cover - BLOCK and this function list the same formats
         raise RecordError(STAGE, "unsupported_format", f"signal format {fmt!r} is not supported")
-    return out.reshape(-1)[:n_samp]
+    # Sign-extend: shift the sample to the top of 16 bits, then arithmetic-shift back.
+    flat = out.reshape(-1)[:n_samp]
+    flat <<= 16 - bits
+    signed = flat.view(np.int16)
+    signed >>= 16 - bits
+    return signed

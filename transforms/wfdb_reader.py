@@ -42,7 +42,6 @@ from ecgtok.transforms.edf import edf_header_size, is_annotation, parse_edf_head
 from ecgtok.transforms.errors import RecordError
 from ecgtok.transforms.leads import normalise_lead_name
 from ecgtok.transforms.wfdb_formats import (
-    BLOCK,
     FLAC_FORMATS,
     INVALID,
     SUPPORTED_FORMATS,
@@ -60,10 +59,8 @@ MIN_FS, MAX_FS = 50.0, 20_000.0
 MAX_HEADER_BYTES = 16 << 20
 MAX_TOTAL_SAMPLES = 1 << 40  # samples x leads; beyond this a length is absurd
 MAX_NESTING = 4
+SLAB_SAMPLES = 1 << 21
 _UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1e-6, "kv": 1e6}
-# Kept for callers of the old module layout.
-_FORMAT_BYTES = {fmt: (b, s) for fmt, (s, b) in BLOCK.items()}
-_FLAC_FORMATS = set(FLAC_FORMATS)
 
 
 @dataclass
@@ -402,9 +399,7 @@ class _Leaf:
             np.subtract(frames, base, out=dst, casting="unsafe")
             dst *= factor
         else:
-            dst = (frames - base) * factor
-            out[:, cols] = dst
-            dst = out[:, cols]
+            out[:, cols] = (frames - base) * factor
         if invalid is not None:
             bad = frames == invalid
             if bad.any():
@@ -783,7 +778,12 @@ class RecordReader:
         out = np.empty(((f1 - f0) * m, self.n_leads), dtype=np.float32)
         cols = list(range(self.n_leads))
         try:
-            self._source.read_into(out, f0, f1, m, cols)
+            # In slabs of about SLAB_SAMPLES digital samples, so decoding temporaries
+            # stay small beside the output however long the range.
+            slab = max(1, SLAB_SAMPLES // (m * max(1, self.n_leads)))
+            for a in range(f0, f1, slab):
+                b = min(f1, a + slab)
+                self._source.read_into(out[(a - f0) * m : (b - f0) * m], a, b, m, cols)
         except RecordError:
             raise
         except Exception as exc:
