@@ -5,7 +5,9 @@ It is Beam's `PytorchModelHandlerKeyedTensor`, with two changes that the model n
 * `load_model` reads the safetensors artifact (local or gs://) and checks its hash,
   where Beam's default would `torch.load` a pickled state dict;
 * `run_inference` pads each batch, because records have different numbers of leads and
-  beats and Beam's default inference function stacks equal-shaped tensors only.
+  beats and Beam's default inference function stacks equal-shaped tensors only; and it
+  refuses (`ArtifactError`) examples made from another tokenizer's token rows, whose
+  word ids would mean nothing to this model.
 """
 
 from __future__ import annotations
@@ -16,8 +18,15 @@ from typing import Any
 import torch
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedTensor
-from ecgtok.models.model import WEIGHTS_FILE, EcgLM, collate, load_model, pick_device
-from ecgtok.models.tokenizer import _join
+from ecgtok.models.model import (
+    WEIGHTS_FILE,
+    EcgLM,
+    collate,
+    load_model,
+    pick_device,
+    tokenizer_number,
+)
+from ecgtok.models.tokenizer import ArtifactError, _join
 
 
 class EcgModelHandler(PytorchModelHandlerKeyedTensor):
@@ -38,6 +47,7 @@ class EcgModelHandler(PytorchModelHandlerKeyedTensor):
     def load_model(self) -> torch.nn.Module:
         model, config = load_model(self._model_dir, pick_device(self._requested_device))
         model.model_id = config["model_id"]
+        model.tokenizer_id = config.get("tokenizer_id", "")
         return model
 
     def run_inference(
@@ -46,6 +56,7 @@ class EcgModelHandler(PytorchModelHandlerKeyedTensor):
         model: torch.nn.Module,
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
+        check_tokenizer(batch, getattr(model, "tokenizer_id", ""))
         device = next(model.parameters()).device
         with torch.inference_mode():
             inputs = {k: v.to(device) for k, v in collate(list(batch)).items()}
@@ -57,3 +68,18 @@ class EcgModelHandler(PytorchModelHandlerKeyedTensor):
 
     def get_metrics_namespace(self) -> str:
         return "ecgtok_score"
+
+
+def check_tokenizer(batch: Sequence[dict[str, torch.Tensor]], tokenizer_id: str) -> None:
+    """Raise ArtifactError when an example comes from another tokenizer than the model's."""
+    if not tokenizer_id:
+        return
+    want = tokenizer_number(tokenizer_id)
+    for example in batch:
+        got = example.get("tokenizer")
+        if got is not None and int(got) != want:
+            raise ArtifactError(
+                f"token rows were made by tokenizer {int(got):015x}..., but model expects "
+                f"tokenizer {tokenizer_id}: re-tokenize with the model's tokenizer or use a "
+                "model trained on these tokens"
+            )

@@ -28,6 +28,7 @@ HEADS = ("p_af", "p_noisy", "p_other_rhythm")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MAX_BEATS = 512
+N_RR_FEATURES = 6
 
 
 class EcgLM(nn.Module):
@@ -42,6 +43,7 @@ class EcgLM(nn.Module):
         max_beats: int = MAX_BEATS,
         heads: tuple[str, ...] = HEADS,
         dropout: float = 0.1,
+        rr_features: int = 0,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
@@ -50,6 +52,9 @@ class EcgLM(nn.Module):
         self.lead = nn.Embedding(N_LEAD_IDS, d_model)
         self.rhythm = nn.Embedding(vocab_size, d_model, padding_idx=PAD)
         self.pos = nn.Embedding(max_beats, d_model)
+        # Exact RR intervals (not only their bins): irregularity is AF's first sign.
+        self.rr_features = int(rr_features)
+        self.rr = nn.Linear(self.rr_features, d_model) if self.rr_features else None
         layer = nn.TransformerEncoderLayer(
             d_model, n_heads, dim_feedforward=4 * d_model, dropout=dropout, batch_first=True
         )
@@ -59,9 +64,13 @@ class EcgLM(nn.Module):
         self.task = nn.Linear(d_model, len(self.heads))
 
     def encode(
-        self, words: torch.Tensor, rhythm: torch.Tensor, leads: torch.Tensor
+        self,
+        words: torch.Tensor,
+        rhythm: torch.Tensor,
+        leads: torch.Tensor,
+        rr: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """words (B, L, T), rhythm (B, T), leads (B, L) -> beat states (B, T, D), mask (B, T)."""
+        """words (B, L, T), rhythm (B, T), leads (B, L), rr (B, T, F) -> states (B, T, D), mask."""
         lead_present = (leads >= 0).float()  # (B, L)
         x = self.word(words) + self.lead(leads.clamp(min=0))[:, :, None, :]
         x = (x * lead_present[:, :, None, None]).sum(1) / lead_present.sum(1).clamp(min=1)[
@@ -72,6 +81,10 @@ class EcgLM(nn.Module):
             max=self.pos.num_embeddings - 1
         )
         x = x + self.rhythm(rhythm) + self.pos(t)[None]
+        if self.rr is not None:
+            if rr is None:
+                rr = torch.zeros(rhythm.shape + (self.rr_features,), device=words.device)
+            x = x + self.rr(rr)
         # A record with no beats would mask every position, and attention over nothing is
         # NaN; let it attend to its (empty) first position so it still gets a finite score.
         attend = beat_mask.clone()
@@ -80,9 +93,13 @@ class EcgLM(nn.Module):
         return self.norm(h), beat_mask
 
     def forward(
-        self, words: torch.Tensor, rhythm: torch.Tensor, leads: torch.Tensor
+        self,
+        words: torch.Tensor,
+        rhythm: torch.Tensor,
+        leads: torch.Tensor,
+        rr: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        h, mask = self.encode(words, rhythm, leads)
+        h, mask = self.encode(words, rhythm, leads, rr)
         m = mask.float()[:, :, None]
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
         probs = torch.sigmoid(self.task(pooled))
@@ -90,15 +107,56 @@ class EcgLM(nn.Module):
         out["embedding"] = pooled
         return out
 
-    def mlm_logits(self, words, rhythm, leads) -> torch.Tensor:
+    def mlm_logits(self, words, rhythm, leads, rr=None) -> torch.Tensor:
         """Per-beat word logits (B, T, V) for masked-beat pretraining."""
-        h, _ = self.encode(words, rhythm, leads)
+        h, _ = self.encode(words, rhythm, leads, rr)
         return self.mlm(h)
 
 
 # ---- turning token rows into tensors ---------------------------------------------------
+def rr_features(r_peaks, fs: float) -> np.ndarray:
+    """Per-beat RR features (T, N_RR_FEATURES) from R-peak samples at rate `fs`.
+
+    log RR before and after the beat, both relative to the record's median RR, the log
+    ratio of successive RRs, a local irregularity (mean |successive log ratio| over 9
+    beats) and the record's irregularity (median of the same). Units cancel, so the
+    rate of the recording does not matter. Missing intervals (first/last beat) are 0.
+    """
+    r = np.asarray(r_peaks, dtype=np.float64)
+    t = r.size
+    out = np.zeros((t, N_RR_FEATURES), dtype=np.float32)
+    if t < 2 or not fs:
+        return out
+    rr = np.clip(np.diff(r) / float(fs), 0.15, 3.0)
+    lrr = np.log(rr)
+    med = np.median(lrr)
+    prev = np.full(t, np.nan)
+    nxt = np.full(t, np.nan)
+    prev[1:] = lrr
+    nxt[:-1] = lrr
+    ratio = np.full(t, np.nan)
+    ratio[1:-1] = np.diff(lrr)
+    absr = np.abs(np.nan_to_num(ratio))
+    k = np.ones(9)
+    valid = (~np.isnan(ratio)).astype(np.float64)
+    local = np.convolve(absr, k, "same") / np.maximum(np.convolve(valid, k, "same"), 1.0)
+    glob = np.median(np.abs(np.diff(lrr))) if lrr.size > 1 else 0.0
+    out[:, 0] = np.nan_to_num(prev - med)
+    out[:, 1] = np.nan_to_num(nxt - med)
+    out[:, 2] = np.nan_to_num(ratio)
+    out[:, 3] = local * 4.0
+    out[:, 4] = glob * 4.0
+    out[:, 5] = med
+    return out
+
+
 def row_to_example(row: dict, max_beats: int = MAX_BEATS) -> dict[str, torch.Tensor]:
-    """One token row -> the tensors the model reads (long records keep their first beats)."""
+    """One token row -> the tensors the model reads (long records keep their first beats).
+
+    Keys: `words` (L, T), `rhythm` (T,), `leads` (L,), `rr` (T, N_RR_FEATURES) when the row
+    has `r_peaks` and `fs`, and `tokenizer` (a number from the row's `tokenizer_id`, which
+    the model handler checks against the model's tokenizer).
+    """
     from ecgtok.transforms.leads import lead_index
 
     tokens = np.asarray(row["tokens"], dtype=np.int64)
@@ -107,11 +165,24 @@ def row_to_example(row: dict, max_beats: int = MAX_BEATS) -> dict[str, torch.Ten
     rhythm = np.asarray(row["rhythm"], dtype=np.int64)
     tokens, rhythm = tokens[:, :max_beats], rhythm[:max_beats]
     leads = np.array([lead_index(n) for n in row["lead_names"]], dtype=np.int64)
-    return {
+    ex = {
         "words": torch.from_numpy(tokens),
         "rhythm": torch.from_numpy(rhythm),
         "leads": torch.from_numpy(leads),
     }
+    if row.get("r_peaks") is not None and row.get("fs"):
+        ex["rr"] = torch.from_numpy(rr_features(row["r_peaks"], row["fs"])[:max_beats])
+    if row.get("tokenizer_id"):
+        ex["tokenizer"] = torch.tensor(tokenizer_number(row["tokenizer_id"]))
+    return ex
+
+
+def tokenizer_number(tokenizer_id: str) -> int:
+    """A tokenizer id as an int64 that fits a tensor (its first 15 hex digits)."""
+    try:
+        return int(str(tokenizer_id)[:15], 16)
+    except ValueError:
+        return -1
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -122,12 +193,15 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     words = torch.full((n, max_l, max_t), PAD, dtype=torch.long)
     rhythm = torch.full((n, max_t), PAD, dtype=torch.long)
     leads = torch.full((n, max_l), -1, dtype=torch.long)
+    rr = torch.zeros((n, max_t, N_RR_FEATURES), dtype=torch.float32)
     for i, e in enumerate(examples):
         nl, nt = e["words"].shape
         words[i, :nl, :nt] = e["words"]
         rhythm[i, :nt] = e["rhythm"]
         leads[i, : e["leads"].shape[0]] = e["leads"]
-    return {"words": words, "rhythm": rhythm, "leads": leads}
+        if "rr" in e:
+            rr[i, :nt] = e["rr"][:nt]
+    return {"words": words, "rhythm": rhythm, "leads": leads, "rr": rr}
 
 
 # ---- artifact ----------------------------------------------------------------------------

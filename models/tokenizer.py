@@ -12,6 +12,12 @@ its `r_peaks`. Its `rhythm` is one rhythm word per beat. The full lead-major sen
 
     CLS  rhythm words  SEP  lead-0 words  SEP  lead-1 words  SEP ...
 
+How the tokenizer sees a beat (`beat_view`): the record is band-passed and resampled to
+100 Hz (`transforms.windows`), low-passed at `lowpass_hz`, cut into HeartLang's 96-sample
+RR-masked windows, each lead's window re-centred on its own largest deflection within
+`align_samples` of the R peak, and scaled to unit energy (`beat_norm: "l2"`: a word is a
+beat's shape; its size is not part of it). These settings live in `tokenizer.json`.
+
 The artifact is a directory: `codebook.npy` (never pickled) and `tokenizer.json`
 (rate, window, filters, vocabulary, format version). `tokenizer_id` is a hash of both,
 checked every time the artifact is loaded.
@@ -35,6 +41,10 @@ N_SPECIAL = 5
 RR_EDGES_S = np.geomspace(0.24, 2.0, 15)
 N_RHYTHM = len(RR_EDGES_S) + 2
 CODEBOOK_FILE = "codebook.npy"
+# Defaults of the beat view for newly fitted tokenizers (older artifacts lack the keys and
+# keep the plain view: no low-pass, no alignment, no normalisation).
+DEFAULT_VIEW = {"lowpass_hz": 25.0, "align_samples": 4, "beat_norm": "l2"}
+PLAIN_VIEW = {"lowpass_hz": None, "align_samples": 0, "beat_norm": "none"}
 META_FILE = "tokenizer.json"
 
 
@@ -89,6 +99,14 @@ class Tokenizer:
     def tokenizer_id(self) -> str:
         return self.meta["tokenizer_id"]
 
+    @property
+    def view(self) -> dict:
+        return {k: self.meta.get(k, PLAIN_VIEW[k]) for k in PLAIN_VIEW}
+
+    def beat_windows(self, signal: np.ndarray, fs: float, r_peaks: np.ndarray) -> np.ndarray:
+        """Beats (beats, leads, 96) as this tokenizer sees them (see `beat_view`)."""
+        return beat_view(signal, fs, r_peaks, self.view)
+
     # ---- encoding -------------------------------------------------------------------
     def assign(self, beats: np.ndarray) -> np.ndarray:
         """Nearest codebook entry for each row of `beats` (N, WINDOW_LEN), vectorised."""
@@ -131,10 +149,9 @@ class Tokenizer:
         self, signal: np.ndarray, fs: float, r_peaks: np.ndarray, noisy: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(morphology words (leads, beats), rhythm words (beats,)) for one recording."""
-        clean = W.clean_for_windows(signal, fs)
-        wins = W.beat_windows(clean, W.to_window_rate(r_peaks, fs))
+        wins = self.beat_windows(signal, fs, r_peaks)
         if wins.shape[0] == 0:
-            return np.zeros((clean.shape[1], 0), dtype=np.int64), np.zeros(0, dtype=np.int64)
+            return np.zeros((wins.shape[1], 0), dtype=np.int64), np.zeros(0, dtype=np.int64)
         return self.encode_windows(wins, noisy), self.rhythm_words(r_peaks, fs)
 
     # ---- artifact -------------------------------------------------------------------
@@ -179,6 +196,50 @@ class Tokenizer:
         return cls(codebook=codebook, meta=meta)
 
 
+def beat_view(signal: np.ndarray, fs: float, r_peaks: np.ndarray, view: dict) -> np.ndarray:
+    """Beat windows (beats, leads, 96) of a recording, preprocessed as `view` says.
+
+    `view`: `lowpass_hz` (None or a cut-off applied at 100 Hz), `align_samples` (re-centre
+    each lead's window on its largest |deflection| within that many samples of R; 0 = off),
+    `beat_norm` ("l2": unit energy per window, "none").
+    """
+    from scipy import signal as sps
+
+    clean = W.clean_for_windows(signal, fs)
+    lp = view.get("lowpass_hz")
+    if lp and clean.shape[0] > 30:
+        sos = sps.butter(4, float(lp), fs=W.WINDOW_FS, output="sos")
+        clean = sps.sosfiltfilt(sos, clean, axis=0).astype(np.float32)
+    wins = W.beat_windows(clean, W.to_window_rate(r_peaks, fs))
+    m = int(view.get("align_samples") or 0)
+    if m and wins.shape[0]:
+        wins = align_windows(wins, m)
+    if view.get("beat_norm") == "l2" and wins.shape[0]:
+        energy = np.sqrt((wins.astype(np.float64) ** 2).sum(axis=2, keepdims=True))
+        wins = np.where(energy > 1e-6, wins / np.maximum(energy, 1e-6), 0.0).astype(np.float32)
+    return wins
+
+
+def align_windows(wins: np.ndarray, m: int) -> np.ndarray:
+    """Shift each (beat, lead) window so its largest |value| near the centre sits at R."""
+    n = wins.shape[2]
+    seg = np.abs(wins[:, :, W.R_INDEX - m : W.R_INDEX + m + 1])
+    shift = seg.argmax(axis=2) - m
+    idx = np.arange(n)[None, None, :] + shift[:, :, None]
+    ok = (idx >= 0) & (idx < n)
+    out = np.take_along_axis(wins, np.clip(idx, 0, n - 1), axis=2)
+    return np.where(ok, out, 0.0).astype(np.float32)
+
+
+def pearson_r(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise Pearson r of (N, D) arrays (nan where a row is constant)."""
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (a * b).sum(axis=1) / den, np.nan)
+
+
 def _npy_bytes(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
@@ -189,9 +250,13 @@ def _canonical(meta: dict) -> bytes:
     return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
-def tokenizer_meta(vocab_size: int, seed: int, n_beats: int, source: str) -> dict:
+def tokenizer_meta(
+    vocab_size: int, seed: int, n_beats: int, source: str, view: dict | None = None
+) -> dict:
     """The settings a tokenizer was fitted under, as stored in tokenizer.json."""
+    view = dict(DEFAULT_VIEW if view is None else view)
     return {
+        **view,
         "format_version": FORMAT_VERSION,
         "kind": "heartbeat-kmeans",
         "codebook_size": vocab_size,

@@ -100,6 +100,10 @@ def _dispatch(command: str, rest: list[str]) -> int:
         from ecgtok.pipeline.demo import main as demo_main
 
         return demo_main(rest)
+    if command == "nightly":
+        from ecgtok.pipeline.nightly import main as nightly_main
+
+        return nightly_main(rest)
     if command == "eval-beats":
         from ecgtok.pipeline.eval_beats import main as eval_main
 

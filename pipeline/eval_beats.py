@@ -170,8 +170,7 @@ def report(results: list[dict], detectors: tuple[str, ...], out=None) -> dict:
         for d in detectors:
             s = table[d]
             print(
-                f"  {d:<10} Se {_pct(s.se)}%  +P {_pct(s.ppv)}%  "
-                f"(TP {s.tp}, FN {s.fn}, FP {s.fp})",
+                f"  {d:<10} Se {_pct(s.se)}%  +P {_pct(s.ppv)}%  (TP {s.tp}, FN {s.fn}, FP {s.fp})",
                 file=out,
             )
     print("throughput (one core, time inside the detector):", file=out)

@@ -14,6 +14,7 @@ from ecgtok.pipeline.outputs import join
 from ecgtok.transforms import schemas
 from ecgtok.transforms.stages import (
     DiscoverRecords,
+    RecordLimits,
     ScoreRecords,
     TokenizeRecords,
     WriteParquetFolder,
@@ -34,6 +35,7 @@ class JobConfig:
     segment_s: float = 300.0
     device: str = "auto"
     batch_size: int = 64
+    limits: RecordLimits = field(default_factory=RecordLimits)
 
 
 def build_tokenize(p: beam.Pipeline, cfg: JobConfig):
@@ -41,7 +43,7 @@ def build_tokenize(p: beam.Pipeline, cfg: JobConfig):
     meta = {"ecgtok_tokenizer_id": cfg.tokenizer_id}
     refs = p | "DiscoverRecords" >> DiscoverRecords(cfg.input)
     result = refs | "TokenizeRecords" >> TokenizeRecords(
-        cfg.tokenizer_dir, cfg.segment_s, cfg.extra_columns
+        cfg.tokenizer_dir, cfg.segment_s, cfg.extra_columns, cfg.limits
     )
     _ = result.rows | "WriteTokenShards" >> WriteParquetFolder(
         join(cfg.output, "tokens"), schemas.token_schema(cfg.extra_columns, meta)

@@ -50,6 +50,18 @@ class EcgtokOptions(PipelineOptions):
         parser.add_argument(
             "--score_batch_size", type=int, default=64, help="records per inference batch"
         )
+        parser.add_argument(
+            "--isolation",
+            choices=("process", "none"),
+            default="process",
+            help="process: each record in a guarded child process with the bounds below",
+        )
+        parser.add_argument(
+            "--record_timeout", type=float, default=300.0, help="seconds allowed per record"
+        )
+        parser.add_argument(
+            "--record_memory_mb", type=int, default=6144, help="address space allowed per record"
+        )
 
 
 # Runners that ecgtok maps onto the in-process FnApiRunner (Prism is opt-in by name).

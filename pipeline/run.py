@@ -23,6 +23,7 @@ from ecgtok.pipeline.options import (
     is_local_default,
     local_runner,
 )
+from ecgtok.transforms.stages import RecordLimits
 
 _LOG = logging.getLogger(__name__)
 TOKENIZE, SCORE, RUN = "tokenize", "score", "run"
@@ -61,9 +62,18 @@ def _resolve(opts: EcgtokOptions, mode: str, check_paths: bool = True) -> graph.
         segment_s=opts.segment_seconds,
         device=opts.device,
         batch_size=opts.score_batch_size,
+        limits=RecordLimits(
+            isolate=opts.isolation == "process",
+            timeout_s=opts.record_timeout,
+            memory_mb=opts.record_memory_mb,
+        ),
     )
     if opts.segment_seconds <= 0:
         raise UsageError("--segment_seconds must be positive")
+    if opts.record_timeout <= 0 or opts.record_memory_mb < 0 or opts.score_batch_size < 1:
+        raise UsageError(
+            "--record_timeout, --record_memory_mb and --score_batch_size must be positive"
+        )
     if mode in (TOKENIZE, RUN):
         if check_paths:
             check_source(src)

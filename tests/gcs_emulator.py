@@ -17,6 +17,7 @@ Use the `gcs` fixture (import it into a test module: `from gcs_emulator import g
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -69,6 +70,7 @@ def gcs():
     pytest.importorskip("gcp_storage_emulator")
     from gcp_storage_emulator.server import create_server
 
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.ERROR)
     port = _free_port()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()

@@ -50,6 +50,8 @@ def archive(tmp_path_factory, gcs):  # noqa: F811
         f"{root}/formats",
     )
     shutil.copytree(os.path.join(SAMPLE, "multi-segment", "041s"), f"{root}/multi/041s")
+    # Variable layout, 18 segments and a gap: segments load in threads when remote.
+    shutil.copytree(os.path.join(SAMPLE, "multi-segment", "s25047"), f"{root}/multi/s25047")
     # A truncated copy of a record.
     _copy_files(cpsc, ["A0003.hea", "A0003.mat"], f"{root}/bad")
     with open(f"{root}/bad/A0003.mat", "r+b") as fh:
@@ -73,6 +75,8 @@ def test_discover_gs_prefix_matches_local(archive):
         "formats/test01_00s_skewframe",
         "formats/test_generator_2",
         "multi/041s/041s",
+        "multi/s25047/s25047-2704-05-04-10-44",
+        "multi/s25047/s25047-2704-05-04-10-44n",
     ]
     # A glob over gs:// too.
     assert [r.record_id for r in discover(url + "/cinc/*.hea")] == ["A0001", "A0002"]
@@ -87,6 +91,7 @@ def test_discover_gs_prefix_matches_local(archive):
         "formats/test01_00s_skewframe.hea",
         "formats/test_generator_2.edf",
         "multi/041s/041s.hea",
+        "multi/s25047/s25047-2704-05-04-10-44.hea",
     ],
 )
 def test_read_gs_equals_local(archive, rel):
@@ -114,6 +119,7 @@ def test_gs_chunks(archive):
         ("bad/A0003.hea", "truncated_signal_file"),
         ("formats/n16.hea", "missing_signal_file"),
         ("formats/absent.hea", "missing_header"),
+        ("multi/s25047/s25047-2704-05-04-10-44n.hea", "bad_sampling_rate"),
     ],
 )
 def test_gs_errors(archive, rel, kind):
@@ -134,3 +140,43 @@ def test_gs_output_round_trip(gcs):  # noqa: F811
         assert fh.read() == b"hello"
     found = FileSystems.match([gcs.url("out/**")])[0].metadata_list
     assert [m.path for m in found] == [path]
+
+
+@pytest.mark.slow
+def test_job_end_to_end_gs_in_gs_out(gcs):  # noqa: F811
+    """`ecgtok run` with gs:// input and output: tokens, scores, errors and summary."""
+    import io
+    import json
+
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+    from ecgtok.pipeline.run import run_job
+
+    cpsc = os.path.join(CINC, "CPSC_CPSC-Extra")
+    if not os.path.isdir(cpsc):
+        pytest.skip(f"shared data not found: {cpsc}")
+    for n in ("A0001.hea", "A0001.mat", "A0002.hea", "A0002.mat"):
+        gcs.upload(os.path.join(cpsc, n), f"job/in/{n}")
+    gcs.client().bucket(gcs.bucket).blob("job/in/bad.hea").upload_from_string(b"not a header")
+    src, dst = gcs.url("job/in"), gcs.url("job/out")
+    outcome = run_job(["--input", src, "--output", dst, "--direct_num_workers=1"])
+    summary = outcome.summary
+    assert (summary["discovered"], summary["tokenized"], summary["failed"]) == (3, 2, 1)
+    with FileSystems.open(dst + "/summary.json") as fh:
+        assert json.loads(fh.read())["discovered"] == 3
+
+    def rows(folder: str) -> list[dict]:
+        found = FileSystems.match([f"{dst}/{folder}/*"])[0].metadata_list
+        assert found and all(m.path.endswith(".parquet") for m in found)
+        out = []
+        for m in found:
+            with FileSystems.open(m.path) as fh:
+                out.extend(pq.read_table(io.BytesIO(fh.read())).to_pylist())
+        return out
+
+    assert sorted(r["record_id"] for r in rows("tokens")) == ["A0001", "A0002"]
+    assert sorted(r["record_id"] for r in rows("scores")) == ["A0001", "A0002"]
+    errors = rows("errors")
+    assert [(e["record_id"], e["stage"], e["error_type"]) for e in errors] == [
+        ("bad", "read", "bad_header")
+    ]

@@ -275,6 +275,9 @@ def test_unsafe_segment_name_is_refused(tmp_path):
         ("100 2 10 650000", "bad_sampling_rate"),
         ("100 2 30000 650000", "bad_sampling_rate"),
         ("100 2 360 0", "empty_record"),
+        ("100 2 -360 650000", "bad_sampling_rate"),
+        ("100 2 360 -650000", "bad_length"),
+        ("100 2 abc 650000", "bad_header"),
     ],
 )
 def test_absurd_rates_and_lengths(tmp_path, record_line, kind):
@@ -316,3 +319,35 @@ def test_file_url_is_local(tmp_path):
     hea = _copy_100(tmp_path)
     rec = read_record("file://" + hea, "x")
     assert rec.signal.shape == (650000, 2) and rec.source_path.startswith("file://")
+
+
+def test_truncated_edf(tmp_path):
+    src = _need(os.path.join(SAMPLE, "test_generator_2.edf"))
+    with open(src, "rb") as fh:
+        data = fh.read()
+    (tmp_path / "t.edf").write_bytes(data[: len(data) - 5000])
+    err = _error(str(tmp_path / "t.edf"))
+    assert err.error_type == "truncated_signal_file"
+    (tmp_path / "g.edf").write_bytes(b"not an edf at all" * 20)
+    assert _error(str(tmp_path / "g.edf")).error_type == "bad_header"
+
+
+def test_chunked_reading_memory_does_not_grow_with_length():
+    # 30 minutes of MIT-BIH read in 10 s chunks: the peak is the chunk's, not the record's.
+    reader = open_record(_need(os.path.join(DATA, "mitdb", "100.hea")))
+    chunk = int(10 * reader.fs)
+
+    def peak(n_chunks: int) -> int:
+        tracemalloc.start()
+        for i, (_, part) in enumerate(reader.chunks(chunk)):
+            del part
+            if i + 1 == n_chunks:
+                break
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return top
+
+    short, whole = peak(3), peak(10**9)
+    record_bytes = reader.n_samples * reader.n_leads * 4
+    assert whole < record_bytes / 20
+    assert whole < 2 * short + (64 << 10)

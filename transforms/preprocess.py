@@ -66,7 +66,11 @@ def remove_baseline(x: np.ndarray, fs: float, cutoff: float = BASELINE_CUTOFF_HZ
 
 
 def bandpass(
-    x: np.ndarray, fs: float, low: float = BANDPASS_HZ[0], high: float = BANDPASS_HZ[1], order: int = 2
+    x: np.ndarray,
+    fs: float,
+    low: float = BANDPASS_HZ[0],
+    high: float = BANDPASS_HZ[1],
+    order: int = 2,
 ) -> np.ndarray:
     """Zero-phase Butterworth band-pass. `high` is clipped to 0.45*fs for low-rate inputs."""
     fs = float(fs)

@@ -1,32 +1,35 @@
 """Multi-lead QRS detector: `detect_r_peaks(signal, fs) -> R-peak sample indices`.
 
-Design (all of it vectorised NumPy/SciPy, one Python loop over candidate peaks):
+Design (vectorised NumPy/SciPy; the only Python loop runs over candidate peaks):
 
 1. **Canonical rate.** Every lead is resampled to `FS_C` = 125 Hz with a short polyphase
-   anti-aliasing FIR (about 4 output periods long). QRS energy sits in 5-25 Hz, so
-   125 Hz keeps it and makes everything after this step independent of the input
-   rate (50 Hz to 20 kHz) and cheap.
-2. **Feature per lead.** A lag-2 difference ``x[n+2] - x[n-2]`` is a band-pass centred at
-   15.6 Hz (zeros at DC and 31 Hz): it removes baseline wander and mains, keeps QRS
-   slopes and damps P/T waves. It is squared and integrated over a 100 ms window
+   anti-aliasing FIR (about 4.5 output periods long). QRS energy sits in 5-25 Hz, so
+   125 Hz keeps it, and everything after this step is independent of the input rate
+   (50 Hz to 20 kHz) and cheap.
+2. **Feature per lead.** A lag-2 difference ``x[n+2] - x[n-2]`` is a band-pass centred
+   at 15.6 Hz (zeros at DC and 31 Hz): it removes baseline wander and mains, keeps QRS
+   slopes and damps P and T waves. It is squared and integrated over 100 ms
    (Pan-Tompkins' moving-window integration).
-3. **Per-lead normalisation and quality.** Per 2 s block: the peak of the feature and
-   its 25th percentile (the floor between beats). A lead's scale is the running median
-   of the block peaks (so beats read ~1); its quality weight grows with the
-   peak-to-floor ratio and is 0 where the lead is flat, saturated or pure noise.
+3. **Per-lead scale and quality**, per 2 s block. A lead's scale is the running median
+   of its block peaks, so its beats read ~1 whatever the gain. Its quality weight grows
+   with the peak-to-floor ratio (a clean ECG returns to ~0 between beats, noise does
+   not) and is 0 where the lead is flat or looks like ventricular flutter/fibrillation.
+   Three relative tests demote a lead against a cleaner one (never a lone lead):
+   artefacts (block peaks far above the lead's usual beat, or slow excursions far
+   larger than its QRS), and noise bursts judged on 0.5 s sub-blocks.
 4. **Fusion.** The normalised features are averaged with the quality weights, so a
-   noisy or detached lead fades out instead of adding false beats. Where no lead is
-   usable the fused feature is 0, so flat or lead-off stretches get no beats.
+   noisy or detached lead fades out instead of adding beats. Where no lead is usable
+   the fused feature is 0: flat, lead-off and VF stretches get no beats.
 5. **Decision.** Candidate peaks (at least 200 ms apart) go through Pan-Tompkins-style
-   adaptive signal/noise levels, a T-wave test (a peak within 360 ms of a beat whose
+   adaptive signal/noise levels, a T-wave test (within 360 ms of a beat, a peak whose
    steepest slope is under half the beat's is a T wave), and search-back at half the
-   threshold when the gap exceeds 1.66 times the recent mean RR interval.
-6. **Ventricular flutter/fibrillation.** Stretches where the best lead is a
-   near-sinusoid at 2.5-8 Hz with no flat baseline between waves get no beats.
-7. **Refinement.** Each beat is placed on the extremum of the best lead at the
-   canonical rate, then on the extremum of the raw signal at the original rate.
+   threshold when the gap exceeds 1.66 times the recent mean RR. A search-back beat
+   must also be seen by the usable leads that carry at least half of the weight.
+6. **Refinement.** Each beat is moved to the extremum of its best lead at the
+   canonical rate, then to the extremum of the raw signal at the original rate.
 
-Long records are processed in overlapping chunks, so memory stays bounded.
+Long records are processed in overlapping chunks (one hour by default), so memory
+stays bounded for 24 h Holter recordings. No threshold depends on the record.
 """
 
 from __future__ import annotations
@@ -34,42 +37,44 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from ecgtok.transforms.preprocess import resample_ratio
 from scipy import signal as sps
 from scipy.ndimage import uniform_filter1d
+
+from ecgtok.transforms.preprocess import resample_ratio
 
 FS_C = 125.0  # canonical detection rate, Hz
 LAG = 2  # samples at FS_C: x[n+LAG] - x[n-LAG] peaks at FS_C / (4 * LAG) = 15.6 Hz
 MWI_S = 0.10  # moving-window integration, s
-BLOCK_S = 2.0  # quality/scale block, s
+BLOCK_S = 2.0  # scale/quality block, s
 SUB_BLOCKS = 4  # noise bursts are judged on quarter blocks
-BURST_PCT = 0.25  # a burst fills the sub-block; a wide beat does not
-BURST_FLOOR = 0.05  # sub-block floor / beat scale above which a lead counts as noisy
-SCALE_BLOCKS = 5  # running median span for the lead scale, blocks
+SCALE_BLOCKS = 5  # running median span for a lead's beat scale, blocks
 LONG_BLOCKS = 31  # running median span for a lead's long-run beat level, blocks
+FLAT_ENERGY = 1e-6  # feature (mV^2) below which a lead is flat
+ARTEFACT_EXCESS = 4.0  # block peak / lead scale above which a block holds an artefact
+FLOOR_PCT = 0.25  # the block floor is this percentile of the feature
+BURST_PCT = 0.25  # the sub-block floor is this percentile of the feature
+BURST_FLOOR = 0.05  # sub-block floor / beat scale above which a lead counts as noisy
+NORM_CAP = 4.0  # cap on one lead's normalised feature, so one lead cannot outvote others
+VF_BUSY = 0.01  # block floor / peak of the feature above which VF is tested for
 REFRACTORY_S = 0.20
 T_WAVE_S = 0.36
 SEARCHBACK_RR = 1.66
-VF_BUSY = 0.01  # block floor / peak of the feature above which VF is tested for
 SUPPORT_LEVEL = 0.02  # a lead "sees" a beat at this fraction of its usual beat energy
-SUPPORT_SHARE = 0.5  # share of the usable leads' weight that must see a beat
-CHUNK_S = 3600.0  # processing chunk, s (the core; overlap is added both sides)
+CHUNK_S = 3600.0  # processing chunk (the core; the overlap is added both sides), s
 OVERLAP_S = 10.0
 MAX_CHUNK_LEAD_SAMPLES = 24_000_000  # caps a chunk's raw size for high-rate many-lead input
-ARTEFACT_EXCESS = 4.0  # block peak / lead scale (energy) above which a lead is suspect
-NORM_CAP = 4.0  # cap on one lead's normalised feature, so one lead cannot outvote the rest
-FLAT_ENERGY = 1e-6  # feature floor (mV^2): a lead below this is treated as flat
 
 _EPS = 1e-12
 
 
+# ---------------------------------------------------------------------------- rate
 @lru_cache(maxsize=32)
 def _aa_filter(fs: float, fs_out: float) -> tuple[int, int, np.ndarray]:
     """Polyphase (up, down, taps) for fs -> fs_out, ~4.5 output periods long."""
     up, down = resample_ratio(fs, fs_out)
     per_output = max(8, int(np.ceil(4.5 * max(fs, fs_out) / fs_out)))
     n = up * per_output
-    n += 1 - n % 2  # odd length: resample_poly then keeps samples aligned
+    n += 1 - n % 2  # odd length keeps resample_poly's output aligned
     cutoff = min(0.3 * fs_out, 0.45 * fs)
     h = sps.firwin(n, cutoff, fs=fs * up, window="hamming")  # resample_poly scales by up
     return up, down, h.astype(np.float32)
@@ -84,143 +89,129 @@ def _to_canonical(x: np.ndarray, fs: float) -> tuple[np.ndarray, float]:
     return np.ascontiguousarray(y, dtype=np.float32), float(fs) * up / down
 
 
+# ------------------------------------------------------------------------ features
 def _lead_features(xc: np.ndarray, fs_c: float):
-    """Slope feature d, energy e (MWI of d^2), per leads x samples."""
-    n = xc.shape[1]
+    """Squared slope d2 and its moving-window integral e, per (leads, samples)."""
     d = np.zeros_like(xc)
-    if n > 2 * LAG:
+    if xc.shape[1] > 2 * LAG:
         d[:, LAG:-LAG] = xc[:, 2 * LAG :] - xc[:, : -2 * LAG]
     d2 = d * d
     w = max(3, int(round(MWI_S * fs_c)) | 1)
-    e = uniform_filter1d(d2, w, axis=1, mode="nearest")
-    return d, d2, e
+    return d2, uniform_filter1d(d2, w, axis=1, mode="nearest")
+
+
+def _blocks(v: np.ndarray, b: int) -> np.ndarray:
+    """(leads, n) -> (leads, blocks, b). A partial last block is the record's last b
+    samples (overlapping the block before), so its statistics stay honest."""
+    n_leads, n = v.shape
+    nb = max(1, -(-n // b))
+    if nb * b == n:
+        return v.reshape(n_leads, nb, b)
+    if n < b:
+        return np.concatenate([v, np.repeat(v[:, -1:], b - n, axis=1)], axis=1)[:, None, :]
+    head = v[:, : (nb - 1) * b].reshape(n_leads, nb - 1, b)
+    return np.concatenate([head, v[:, None, n - b :]], axis=1)
 
 
 def _block_stats(e: np.ndarray, b: int, pct: float = 0.25):
-    """Per-block peak and `pct` percentile of e (leads, blocks); last partial block padded."""
-    n_leads, n = e.shape
-    nb = max(1, -(-n // b))
-    pad = nb * b - n
-    if pad:
-        tail = e[:, max(0, n - b) :]
-        # pad the last block with its own content so its statistics stay honest
-        reps = np.resize(tail, (n_leads, pad)) if tail.shape[1] else np.zeros((n_leads, pad))
-        e = np.concatenate([e, reps.astype(e.dtype)], axis=1)
-    blocks = e.reshape(n_leads, nb, b)
+    """Per-block peak and `pct` percentile (the floor) of e, as (leads, blocks)."""
+    blocks = _blocks(e, b)
     peak = blocks.max(axis=2)
-    # e is smoothed over 100 ms, so every 4th sample is enough for a percentile
-    sub = blocks[:, :, ::4]
+    sub = blocks[:, :, ::4]  # e is smoothed over 100 ms: every 4th sample will do
     k = int(pct * (sub.shape[2] - 1))
-    floor = np.partition(sub, k, axis=2)[:, :, k]
-    return peak, floor
+    return peak, np.partition(sub, k, axis=2)[:, :, k]
 
 
-def _block_ptp(v: np.ndarray, b: int) -> np.ndarray:
-    """Per-block peak-to-peak (leads, blocks)."""
-    n_leads, n = v.shape
-    nb = max(1, -(-n // b))
-    pad = nb * b - n
-    if pad:
-        v = np.concatenate([v, np.repeat(v[:, -1:], pad, axis=1)], axis=1)
-    blocks = v.reshape(n_leads, nb, b)
-    return blocks.max(axis=2) - blocks.min(axis=2)
+def _block_wander(xc: np.ndarray, b: int) -> np.ndarray:
+    """Per-block peak-to-peak of the slow signal (means over ~b/8 samples)."""
+    blocks = _blocks(xc, b)
+    g = max(1, b // 8)
+    m = blocks[:, :, : (b // g) * g].reshape(blocks.shape[0], blocks.shape[1], -1, g).mean(axis=3)
+    return m.max(axis=2) - m.min(axis=2)
 
 
 def _running_median(v: np.ndarray, span: int) -> np.ndarray:
-    """Centred running median along the last axis with edge replication."""
+    """Centred running median along the last axis, edges replicated."""
     if v.shape[-1] < 2 or span < 2:
         return v.copy()
     h = span // 2
     p = np.pad(v, [(0, 0)] * (v.ndim - 1) + [(h, h)], mode="edge")
-    win = np.lib.stride_tricks.sliding_window_view(p, 2 * h + 1, axis=-1)
-    return np.median(win, axis=-1)
+    return np.median(np.lib.stride_tricks.sliding_window_view(p, 2 * h + 1, axis=-1), axis=-1)
+
+
+def _neighbour_max(v: np.ndarray) -> np.ndarray:
+    """Max of each block and its two neighbours (events straddle block edges)."""
+    if v.shape[1] < 2:
+        return v
+    left = np.concatenate([v[:, :1], v[:, :-1]], axis=1)
+    right = np.concatenate([v[:, 1:], v[:, -1:]], axis=1)
+    return np.maximum(v, np.maximum(left, right))
+
+
+def _relative(badness: np.ndarray, usable: np.ndarray) -> np.ndarray:
+    """Weight factor in [0, 1]: a lead much worse than the best usable lead fades out."""
+    best = np.where(usable, badness, np.inf).min(axis=0, keepdims=True)
+    rel = np.clip(1.25 * np.maximum(best, 1.0) / badness, 0.0, 1.0) ** 2
+    return np.where(np.isfinite(best), rel, 1.0)
 
 
 def _weights(peak: np.ndarray, floor: np.ndarray, wander: np.ndarray):
-    """Scale (leads, blocks) and quality weight in [0, 1].
-
-    `wander` is the block's peak-to-peak excursion of the slow (<~3 Hz) signal.
-    """
+    """Beat scale and quality weight in [0, 1], per (leads, blocks)."""
     scale = _running_median(peak, SCALE_BLOCKS)
-    # a burst of noise inside a block must not lift the scale of clean blocks around it
+    # a burst of noise in one block must not lift the scale of the clean blocks around it
     scale = np.minimum(scale, np.maximum(peak, 0.25 * scale))
-    # local floor: worst of the block and its neighbours (bursts straddle block edges)
-    fl = floor
-    if floor.shape[1] > 1:
-        fl = np.maximum(floor, np.maximum(np.roll(floor, 1, axis=1), np.roll(floor, -1, axis=1)))
-        fl[:, 0] = np.maximum(floor[:, 0], floor[:, 1])
-        fl[:, -1] = np.maximum(floor[:, -1], floor[:, -2])
-    ratio = scale / (fl + 0.02 * scale + _EPS)
+    ratio = scale / (_neighbour_max(floor) + 0.02 * scale + _EPS)
     # peak-to-floor energy ratio: white noise gives ~4-6, a clean ECG hundreds
-    q = np.clip((np.log10(ratio + _EPS) - np.log10(8.0)) / (np.log10(40.0) - np.log10(8.0)), 0, 1)
+    q = np.clip(np.log10(ratio / 8.0 + _EPS) / np.log10(5.0), 0.0, 1.0)
     q[scale < FLAT_ENERGY] = 0.0
     scale = np.maximum(scale, FLAT_ENERGY)
     if peak.shape[0] > 1:
         # Artefacts (electrode pops, steps, motion) are sparse and huge, so they pass
-        # the peak-to-floor test. Two signs of them: block peaks far above the lead's
-        # usual beat, and slow excursions much larger than the QRS. They only demote a
-        # lead relative to a cleaner one; a lone lead keeps its weight.
-        # the lead's long-run beat level (~1 min): artefact stretches of a few seconds
-        # inflate the short scale but not this
+        # the peak-to-floor test. Signs of them: block peaks far above the lead's usual
+        # beat, a beat scale far above the lead's long-run level (~1 min), and slow
+        # excursions much larger than the lead's QRS.
         long = np.maximum(_running_median(peak, LONG_BLOCKS), FLAT_ENERGY)
-        amp = np.sqrt(long)  # ~ QRS slope amplitude (mV per lag)
         badness = np.maximum.reduce(
             [
                 np.ones_like(peak),
                 peak / scale / ARTEFACT_EXCESS,
                 scale / long / 2.5,
-                wander / amp,
+                wander / np.sqrt(long),
             ]
         )
-        usable = q > 0.2
-        best = np.where(usable, badness, np.inf).min(axis=0, keepdims=True)
-        rel = np.clip(1.25 * np.maximum(best, 1.0) / badness, 0.0, 1.0) ** 2
-        q = np.where(np.isfinite(best), q * rel, q)
+        q = q * _relative(badness, q > 0.2)
     return scale, q
 
 
-def _block_sum(v: np.ndarray, b: int) -> np.ndarray:
-    """Per-block sums (leads, blocks); the last partial block is summed as it is."""
-    n_leads, n = v.shape
-    nb = -(-n // b)
-    pad = nb * b - n
-    if pad:
-        v = np.concatenate([v, np.zeros((n_leads, pad), v.dtype)], axis=1)
-    return v.reshape(n_leads, nb, b).sum(axis=2)
-
-
 def _burst_weights(e: np.ndarray, sb: int, scale: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Per sub-block (~0.5 s) weight in [0, 1] that demotes a lead during a noise burst.
+    """Per sub-block (~0.5 s) weight factor that demotes a lead during a noise burst.
 
-    A burst shorter than a block barely moves the block's floor, so the floor (a low
-    percentile of the feature) is measured again per sub-block, relative to the lead's
-    beat scale. Like the artefact tests this is relative: a lead only loses weight where
-    another usable lead is much quieter, so a lone noisy lead keeps detecting.
+    A burst shorter than a block barely moves the block's floor, so the floor is
+    measured again per sub-block, relative to the lead's beat scale, and compared with
+    the other leads.
     """
     _, floor_s = _block_stats(e, sb, BURST_PCT)
     ns = floor_s.shape[1]
-    rep = np.repeat(scale, SUB_BLOCKS, axis=1)[:, :ns]
-    ok = np.repeat(q, SUB_BLOCKS, axis=1)[:, :ns] > 0.2
-    nz = floor_s / rep
-    if ns > 1:  # a burst straddling a sub-block edge counts in both
-        nz = np.maximum(nz, np.concatenate([nz[:, 1:], nz[:, -1:]], axis=1))
-        nz = np.maximum(nz, np.concatenate([nz[:, :1], nz[:, :-1]], axis=1))
-    badness = np.maximum(nz / BURST_FLOOR, 1.0)
-    best = np.where(ok, badness, np.inf).min(axis=0, keepdims=True)
-    rel = np.clip(1.25 * best / badness, 0.0, 1.0) ** 2
-    return np.where(np.isfinite(best), rel, 1.0)
+    rep_scale = np.repeat(scale, SUB_BLOCKS, axis=1)[:, :ns]
+    usable = np.repeat(q, SUB_BLOCKS, axis=1)[:, :ns] > 0.2
+    badness = np.maximum(_neighbour_max(floor_s / rep_scale) / BURST_FLOOR, 1.0)
+    return _relative(badness, usable)
 
 
 def _expand(v: np.ndarray, b: int, n: int) -> np.ndarray:
-    """Block values (leads, blocks) -> per-sample (leads, n), linear between block centres.
-
-    Repeating each block value and smoothing with a one-block box gives exactly the
-    linear interpolation, at a fraction of the cost of `np.interp` per lead.
-    """
-    r = np.repeat(v.astype(np.float32), b, axis=1)[:, :n]
-    if v.shape[1] > 1:
-        r = uniform_filter1d(r, b, axis=1, mode="nearest")
-    return r
+    """Block values (leads, blocks) -> (leads, n), linear between block centres."""
+    n_leads, nb = v.shape
+    v = v.astype(np.float32)
+    if nb == 1:
+        return np.repeat(v, n, axis=1)
+    # segment m spans block centres m-1 .. m (m = 0 .. nb), edges held flat
+    vp = np.concatenate([v[:, :1], v, v[:, -1:]], axis=1)
+    lo, hi = vp[:, :-1], vp[:, 1:]
+    frac = (np.arange(b, dtype=np.float32) + 0.5) / b
+    seg = lo[:, :, None] + (hi - lo)[:, :, None] * frac[None, None, :]
+    flat = seg.reshape(n_leads, -1)
+    start = b - b // 2  # segment 0 starts half a block before sample 0
+    return flat[:, start : start + n]
 
 
 def _vf_mask(xc: np.ndarray, fs_c: float, b: int, busy: np.ndarray) -> np.ndarray:
@@ -228,14 +219,14 @@ def _vf_mask(xc: np.ndarray, fs_c: float, b: int, busy: np.ndarray) -> np.ndarra
 
     VF/VFL is a continuous large oscillation at 2.5-8 Hz without the flat baseline that
     separates QRS complexes. Test on 4 s windows (two blocks) of each lead: the
-    band 2.5-8 Hz holds most of the power, one narrow spectral peak dominates, and the
+    2.5-8 Hz band holds most of the power, one narrow spectral peak dominates, and the
     signal spends little time near its baseline. The test runs at half the canonical
-    rate (everything it looks at is below 30 Hz), and only on windows where `busy`
-    (leads, blocks) says the feature never falls back to its floor; a QRS train with a
-    flat baseline between beats cannot be VF, which spares the spectra on most blocks.
+    rate (all it looks at is below 30 Hz), and only on windows where `busy` (leads,
+    blocks) says the feature never falls back to its floor: a QRS train with a flat
+    baseline between beats cannot be VF, which spares the spectra on most blocks.
     """
     n_leads, n = xc.shape
-    nb = -(-n // b)
+    nb = busy.shape[1]
     out = np.zeros((n_leads, nb), dtype=bool)
     if n < 2 * b or b % 2:
         return out
@@ -250,8 +241,8 @@ def _vf_mask(xc: np.ndarray, fs_c: float, b: int, busy: np.ndarray) -> np.ndarra
     k = max(1, int(round(0.5 / freqs[1])))
     taper = np.hanning(win).astype(np.float32)
     all_starts = np.arange(0, xv.shape[1] - win + 1, bv)
+    j = all_starts // bv
     for lead in range(n_leads):
-        j = all_starts // bv
         starts = all_starts[busy[lead, j] | busy[lead, np.minimum(j + 1, nb - 1)]]
         if starts.size == 0:
             continue
@@ -260,48 +251,46 @@ def _vf_mask(xc: np.ndarray, fs_c: float, b: int, busy: np.ndarray) -> np.ndarra
         spec = np.abs(np.fft.rfft(seg * taper, nfft, axis=1)) ** 2
         tot = spec[:, wide].sum(axis=1) + _EPS
         inband = spec[:, band].sum(axis=1) / tot
-        # concentration: power within +-0.5 Hz of the band peak
-        ipk = np.argmax(np.where(band, spec, 0), axis=1)
+        ipk = np.argmax(np.where(band, spec, 0), axis=1)  # power within 0.5 Hz of the peak
         idx = np.clip(ipk[:, None] + np.arange(-k, k + 1)[None, :], 0, len(freqs) - 1)
         conc = np.take_along_axis(spec, idx, axis=1).sum(axis=1) / tot
-        # time near baseline: fraction of samples within 10% of the 95th centile of |x|
-        a = np.abs(seg)
+        a = np.abs(seg)  # time near baseline: within 10% of the 95th centile of |x|
         q95 = int(0.95 * (win - 1))
         amp = np.partition(a, q95, axis=1)[:, q95] + _EPS
         near = (a < 0.1 * amp[:, None]).mean(axis=1)
-        vf = (inband > 0.7) & (conc > 0.4) & (near < 0.12)
-        blk = starts[vf] // bv
+        blk = starts[(inband > 0.7) & (conc > 0.4) & (near < 0.12)] // bv
         out[lead, blk] = True
         out[lead, np.minimum(nb - 1, blk + 1)] = True
     return out
 
 
-def _support(cand: np.ndarray, leads, fs_c: float) -> np.ndarray:
-    """True for candidates that the usable leads agree on.
+# ------------------------------------------------------------------------ decision
+def _supported(c: int, leads, fs_c: float) -> bool:
+    """Whether the usable leads agree on a candidate at canonical sample c.
 
     A QRS shows in nearly every lead; a noise spike or crackle usually in one. Each
-    usable lead (weight >= 0.5) votes with its weight for a candidate when its own
-    normalised feature reaches SUPPORT_LEVEL of its usual beat within +-50 ms.
-    Candidates need at least half of the vote; where fewer than two leads are usable
-    every candidate passes.
+    usable lead (weight >= 0.5) votes with its weight when its own normalised feature
+    reaches SUPPORT_LEVEL of its usual beat within +-50 ms; half the vote is needed.
     """
+    if leads is None:
+        return True
     e, inv, w = leads
-    n = e.shape[1]
     hw = int(round(0.05 * fs_c))
-    win = np.clip(cand[:, None] + np.arange(-hw, hw + 1)[None, :], 0, n - 1)
-    lvl = (e[:, win] * inv[:, cand][:, :, None]).max(axis=2)  # (leads, cand)
-    wc = w[:, cand]
+    a, b = max(0, c - hw), min(e.shape[1], c + hw + 1)
+    wc = w[:, c]
     usable = wc >= 0.5
-    vote = np.where(usable, wc, 0.0)
-    total = vote.sum(axis=0)
-    yes = np.where(lvl >= SUPPORT_LEVEL, vote, 0.0).sum(axis=0)
-    return (usable.sum(axis=0) < 2) | (yes >= SUPPORT_SHARE * total)
+    if usable.sum() < 2:
+        return True
+    lvl = e[:, a:b].max(axis=1) * inv[:, c]
+    return float(wc[usable & (lvl >= SUPPORT_LEVEL)].sum()) >= 0.5 * float(wc[usable].sum())
 
 
 def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray:
-    """Pan-Tompkins-style adaptive decision on the fused feature `f` (fused squared slope
-    `g` for the T-wave test). `leads` = (e, inv, w) per lead enables the cross-lead
-    agreement test. Returns sample indices at the canonical rate."""
+    """Pan-Tompkins-style adaptive decision on the fused feature `f`.
+
+    `g` is the fused squared slope (for the T-wave test); `leads` = (e, inv, w) per lead
+    enables the agreement test on search-back beats. Returns canonical sample indices.
+    """
     n = f.shape[0]
     refr = int(round(REFRACTORY_S * fs_c))
     cand, _ = sps.find_peaks(f, height=0.02, distance=max(1, refr))
@@ -310,11 +299,9 @@ def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray
     t_wave = int(round(T_WAVE_S * fs_c))
     ts = cand.tolist()
     hs = f[cand].tolist()
-    # steepest fused slope within +-40 ms of each candidate (for the T-wave test)
-    hw = int(round(0.04 * fs_c))
+    hw = int(round(0.04 * fs_c))  # steepest fused slope within +-40 ms of a candidate
     win = np.clip(cand[:, None] + np.arange(-hw, hw + 1)[None, :], 0, n - 1)
     sls = g[win].max(axis=1).tolist()
-    sup = _support(cand, leads, fs_c).tolist() if leads is not None else [True] * len(ts)
 
     init = int(2 * fs_c)
     first = [h for t, h in zip(ts, hs) if t < init]
@@ -324,61 +311,85 @@ def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray
 
     beats: list[int] = []
     rr: list[int] = []
-    rr_avg = 0.8 * fs_c
+    rr_avg = 1.0 * fs_c  # replaced by the first measured RR interval
     last_t = -(10**9)
     last_slope = 0.0
     last_ci = -1
-
-    def accept(ci: int, weight: float) -> None:
-        nonlocal spk, rr_avg, last_ci, last_t, last_slope
-        t = ts[ci]
-        if beats:
-            rr.append(t - last_t)
-            recent = rr[-8:]
-            rr_avg = sum(recent) / len(recent)
-        beats.append(t)
-        last_t = t
-        last_slope = sls[ci]
-        # features are normalised (beats ~1): an artefact must not deafen the detector
-        spk = weight * min(hs[ci], 2.0 * max(spk, 0.5)) + (1 - weight) * spk
-        last_ci = ci
-
-    def search_back(end_ci: int, t_end: int) -> bool:
-        """Best candidate in (last beat, t_end) above half the threshold, if any."""
-        best, best_h = -1, 0.5 * thr
-        for j in range(last_ci + 1, end_ci):
-            tj = ts[j]
-            if tj - last_t > refr and t_end - tj > refr and hs[j] > best_h and sup[j]:
-                best, best_h = j, hs[j]
-        if best >= 0:
-            accept(best, 0.25)
-            return True
-        return False
-
-    for i in range(len(ts)):
-        t = ts[i]
-        h = hs[i]
-        # search-back: a gap too long for the recent rhythm hides a missed beat
+    n_cand = len(ts)
+    i = 0
+    while i <= n_cand:
+        t = ts[i] if i < n_cand else n + refr + 1  # past the end: final search-back
         if beats and t - last_t > SEARCHBACK_RR * rr_avg:
-            if not search_back(i, t):
-                # nothing even at half threshold: the signal level fell (or an
-                # artefact inflated it); let the level decay instead of going deaf
-                spk *= 0.8
-            thr = npk + 0.25 * (spk - npk)
-        if t - last_t <= refr:
-            continue
-        if h > thr:
-            if t - last_t < t_wave and sls[i] < 0.5 * last_slope:
-                npk = 0.125 * h + 0.875 * npk  # a T wave
+            # search-back: a gap too long for the recent rhythm hides a missed beat
+            best, best_h = -1, 0.5 * thr
+            for j in range(last_ci + 1, i):
+                tj = ts[j]
+                if tj - last_t > refr and t - tj > refr and hs[j] > best_h:
+                    if tj - last_t < t_wave and sls[j] < 0.5 * last_slope:
+                        continue  # the last beat's T wave
+                    if _supported(tj, leads, fs_c):
+                        best, best_h = j, hs[j]
+            if best >= 0:
+                ci, weight = best, 0.25
             else:
-                accept(i, 0.125)
-        else:
-            npk = 0.125 * h + 0.875 * npk
-        thr = npk + 0.25 * (spk - npk)
-    # search-back at the end of the record
-    if beats and n - last_t > SEARCHBACK_RR * rr_avg:
-        search_back(len(ts), n + refr + 1)
+                # nothing even at half threshold: the level fell, or an artefact
+                # inflated it; let it decay instead of going deaf
+                spk *= 0.8
+                thr = npk + 0.25 * (spk - npk)
+                ci = -1
+            if ci >= 0:
+                tc = ts[ci]
+                rr.append(tc - last_t)
+                rr_avg = sum(rr[-8:]) / len(rr[-8:])
+                beats.append(tc)
+                last_t, last_slope, last_ci = tc, sls[ci], ci
+                spk = weight * min(hs[ci], 2.0 * max(spk, 0.5)) + (1 - weight) * spk
+                thr = npk + 0.25 * (spk - npk)
+        if i == n_cand:
+            break
+        h = hs[i]
+        if t - last_t > refr:
+            if h > thr and not (t - last_t < t_wave and sls[i] < 0.5 * last_slope):
+                if beats:
+                    rr.append(t - last_t)
+                    rr_avg = sum(rr[-8:]) / len(rr[-8:])
+                beats.append(t)
+                last_t, last_slope, last_ci = t, sls[i], i
+                # features are normalised (beats ~1): an artefact must not deafen us
+                spk = 0.125 * min(h, 2.0 * max(spk, 0.5)) + 0.875 * spk
+            else:  # below threshold, or a T wave
+                npk = 0.125 * h + 0.875 * npk
+            thr = npk + 0.25 * (spk - npk)
+        i += 1
     return np.asarray(sorted(beats), dtype=np.int64)
+
+
+# ---------------------------------------------------------------------- refinement
+def _refine(x, fs, xc, fs_c, beats_c, contrib) -> np.ndarray:
+    """Move each beat to the R extremum of its best lead, at the original rate."""
+    n_leads, n = x.shape
+    nc = xc.shape[1]
+    rows = np.arange(beats_c.size)
+    best = np.argmax(contrib[:, beats_c], axis=0) if n_leads > 1 else np.zeros(beats_c.size, int)
+    # baseline: mean of the best lead over +-150 ms
+    hb = max(1, int(round(0.15 * fs_c)))
+    idx_b = np.clip(beats_c[:, None] + np.arange(-hb, hb + 1)[None, :], 0, nc - 1)
+    baseline = xc[best[:, None], idx_b].mean(axis=1)
+    # canonical rate: largest deviation from the baseline within +-60 ms
+    hw = max(1, int(round(0.06 * fs_c)))
+    idx = np.clip(beats_c[:, None] + np.arange(-hw, hw + 1)[None, :], 0, nc - 1)
+    seg = xc[best[:, None], idx] - baseline[:, None]
+    k = np.argmax(np.abs(seg), axis=1)
+    pc = idx[rows, k]
+    sign = np.where(seg[rows, k] < 0, -1.0, 1.0).astype(np.float32)
+    # original rate: extremum of the same polarity within +-1.5 canonical samples
+    ratio = fs / fs_c
+    centre = np.round(pc * ratio).astype(np.int64)
+    hw2 = max(1, int(np.ceil(1.5 * ratio)))
+    idx2 = np.clip(centre[:, None] + np.arange(-hw2, hw2 + 1)[None, :], 0, n - 1)
+    raw = (x[best[:, None], idx2] - baseline[:, None]) * sign[:, None]
+    r = idx2[rows, np.argmax(raw, axis=1)]
+    return np.unique(r.astype(np.int64))
 
 
 def _detect_chunk(x: np.ndarray, fs: float) -> np.ndarray:
@@ -390,53 +401,24 @@ def _detect_chunk(x: np.ndarray, fs: float) -> np.ndarray:
     nc = xc.shape[1]
     sb = max(2, int(round(BLOCK_S / SUB_BLOCKS * fs_c)))  # sub-block, ~0.5 s
     b = SUB_BLOCKS * sb  # block, ~2 s
-    d, d2, e = _lead_features(xc, fs_c)
-    peak, floor = _block_stats(e, b)
-    base_c = uniform_filter1d(xc, int(round(0.3 * fs_c)) | 1, axis=1, mode="nearest")
-    wander = _block_ptp(base_c, b)
-    scale, q = _weights(peak, floor, wander)
-    vf = _vf_mask(xc, fs_c, b, floor > VF_BUSY * peak)
-    q[vf] = 0.0
+    d2, e = _lead_features(xc, fs_c)
+    peak, floor = _block_stats(e, b, FLOOR_PCT)
+    scale, q = _weights(peak, floor, _block_wander(xc, b))
+    q[_vf_mask(xc, fs_c, b, floor > VF_BUSY * peak)] = 0.0
     both = _expand(np.concatenate([1.0 / scale, q]), b, nc)
     inv, w = both[:n_leads], both[n_leads:]
     if n_leads > 1:
         w = w * _expand(_burst_weights(e, sb, scale, q), sb, nc)
     wsum = w.sum(axis=0)
+    norm = 1.0 / np.maximum(wsum, 0.5)
     contrib = w * np.minimum(e * inv, NORM_CAP)
-    num = contrib.sum(axis=0)
-    f = num / np.maximum(wsum, 0.5)
+    f = contrib.sum(axis=0) * norm
     f[wsum < 0.05] = 0.0
-    g = (w * d2 * inv).sum(axis=0) / np.maximum(wsum, 0.5)
+    g = (w * d2 * inv).sum(axis=0) * norm
     beats_c = _decide(f, g, fs_c, (e, inv, w) if n_leads > 1 else None)
     if beats_c.size == 0:
         return beats_c
-    return _refine(x, fs, xc, base_c, fs_c, beats_c, contrib)
-
-
-def _refine(x, fs, xc, base_c, fs_c, beats_c, contrib) -> np.ndarray:
-    """Place each beat on the R extremum of its best lead, at the original rate."""
-    n_leads, n = x.shape
-    nc = xc.shape[1]
-    best = np.argmax(contrib[:, beats_c], axis=0) if n_leads > 1 else np.zeros(beats_c.size, int)
-    # canonical rate: extremum of the baseline-removed lead within +-60 ms of the feature peak
-    hw = max(1, int(round(0.06 * fs_c)))
-    offs = np.arange(-hw, hw + 1)
-    idx = np.clip(beats_c[:, None] + offs[None, :], 0, nc - 1)
-    seg = xc[best[:, None], idx] - base_c[best[:, None], idx]
-    k = np.argmax(np.abs(seg), axis=1)
-    pc = idx[np.arange(idx.shape[0]), k]
-    sign = np.sign(seg[np.arange(seg.shape[0]), k])
-    sign[sign == 0] = 1
-    baseline = base_c[best, pc]
-    # original rate: extremum of the same polarity within +-1.5 canonical samples
-    ratio = fs / fs_c
-    centre = np.round(pc * ratio).astype(np.int64)
-    hw2 = max(1, int(np.ceil(1.5 * ratio)))
-    offs2 = np.arange(-hw2, hw2 + 1)
-    idx2 = np.clip(centre[:, None] + offs2[None, :], 0, n - 1)
-    raw = (x[best[:, None], idx2] - baseline[:, None]) * sign[:, None]
-    r = idx2[np.arange(idx2.shape[0]), np.argmax(raw, axis=1)]
-    return np.unique(r.astype(np.int64))
+    return _refine(x, fs, xc, fs_c, beats_c, contrib)
 
 
 def detect_r_peaks(signal: np.ndarray, fs: float) -> np.ndarray:
@@ -444,8 +426,9 @@ def detect_r_peaks(signal: np.ndarray, fs: float) -> np.ndarray:
 
     Parameters
     ----------
-    signal : (n_samples, n_leads) or (n_samples,) array in mV.
-    fs : sampling rate in Hz (50 Hz - 20 kHz).
+    signal : (n_samples, n_leads) or (n_samples,) array, mV. Non-finite samples are
+        treated as a flat (lead-off) signal.
+    fs : sampling rate, Hz (50 Hz to 20 kHz).
     """
     fs = float(fs)
     if not np.isfinite(fs) or fs <= 0:
@@ -476,7 +459,6 @@ def detect_r_peaks(signal: np.ndarray, fs: float) -> np.ndarray:
         out.append(p[(p >= a) & (p < b)])
     peaks = np.concatenate(out)
     if peaks.size > 1:
-        # a beat on a chunk edge can be found by both chunks a sample or two apart
-        keep = np.concatenate([[True], np.diff(peaks) > int(0.1 * fs)])
-        peaks = peaks[keep]
+        # a beat on a chunk edge can be found by both chunks, a sample or two apart
+        peaks = peaks[np.concatenate([[True], np.diff(peaks) > int(0.1 * fs)])]
     return peaks

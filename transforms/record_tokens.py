@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 from ecgtok.models.tokenizer import Tokenizer, build_sentence
-from ecgtok.transforms.errors import RecordError
+from ecgtok.transforms.errors import TRANSIENT_ERRORS, RecordError
 from ecgtok.transforms.wfdb_reader import Record, read_record
 
 DEFAULT_SEGMENT_S = 300.0
@@ -103,7 +103,7 @@ def tokenize_record(
     """Read, find beats and tokenize one record. Raises RecordError naming the stage."""
     try:
         record = read_record(source_path, record_id)
-    except RecordError:
+    except (RecordError, *TRANSIENT_ERRORS):
         raise
     except Exception as exc:
         raise RecordError("read", type(exc).__name__, str(exc)) from exc

@@ -12,6 +12,7 @@ pickles and runs on any runner.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
@@ -19,7 +20,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from ecgtok.models.model import HEADS, row_to_example
 from ecgtok.pipeline.discovery import RecordRef, discover
-from ecgtok.transforms.errors import RecordError
+from ecgtok.transforms.errors import TRANSIENT_ERRORS, RecordError
 
 NAMESPACE = "ecgtok"
 ERRORS = "errors"
@@ -62,15 +63,24 @@ class DiscoverRecords(beam.PTransform):
 class _TokenizeRecordFn(beam.DoFn):
     """RecordRef -> token rows, or one error row on the `errors` output."""
 
-    def __init__(self, tokenizer_dir: str, segment_s: float, extra_columns: list[str]) -> None:
+    def __init__(
+        self, tokenizer_dir: str, segment_s: float, extra_columns: list[str], limits
+    ) -> None:
         self._tokenizer_dir = tokenizer_dir
         self._segment_s = segment_s
         self._extra_columns = list(extra_columns)
+        self._limits = limits
 
     def setup(self) -> None:
         from ecgtok.models.tokenizer import Tokenizer
+        from ecgtok.transforms.isolation import GuardedTokenizer
 
         self._tokenizer = Tokenizer.load(self._tokenizer_dir)
+        self._guard = None
+        if self._limits.isolate:
+            self._guard = GuardedTokenizer(
+                self._tokenizer_dir, self._limits.timeout_s, self._limits.memory_mb
+            )
         self._tokenized = Metrics.counter(NAMESPACE, "records_tokenized")
         self._failed = Metrics.counter(NAMESPACE, "records_failed")
         self._beats = Metrics.counter(NAMESPACE, "beats")
@@ -82,12 +92,18 @@ class _TokenizeRecordFn(beam.DoFn):
 
         extra = {c: str(ref.extra.get(c, "")) for c in self._extra_columns}
         try:
-            rows = tokenize_record(
-                ref.source_path, ref.record_id, self._tokenizer, self._segment_s, extra
-            )
+            if self._guard is not None:
+                rows = self._guard.tokenize(ref.source_path, ref.record_id, self._segment_s, extra)
+            else:
+                rows = tokenize_record(
+                    ref.source_path, ref.record_id, self._tokenizer, self._segment_s, extra
+                )
         except RecordError as err:
             yield from self._fail(ref, err.stage, err.error_type, err.message)
             return
+        except TRANSIENT_ERRORS:
+            # Transient I/O (a storage hiccup): let the runner retry the bundle.
+            raise
         except Exception as exc:  # a bug must not sink the job: it becomes an error row
             _LOG.exception("unexpected failure on %s", ref.record_id)
             yield from self._fail(ref, "tokenize", type(exc).__name__, str(exc))
@@ -99,18 +115,39 @@ class _TokenizeRecordFn(beam.DoFn):
             self._tokens.inc(sum(len(t) for t in row["tokens"]))
             yield row
 
+    def teardown(self) -> None:
+        if getattr(self, "_guard", None) is not None:
+            self._guard.close()
+
     def _fail(self, ref: RecordRef, stage: str, error_type: str, message: str):
         self._failed.inc()
         Metrics.counter(NAMESPACE, f"failed_{stage}_{error_type}").inc()
         yield beam.pvalue.TaggedOutput(ERRORS, error_row(ref, stage, error_type, message))
 
 
+@dataclass(frozen=True)
+class RecordLimits:
+    """Per-record bounds. `isolate` runs each record in a guarded child process."""
+
+    isolate: bool = True
+    timeout_s: float = 300.0
+    memory_mb: int = 6144
+
+
 class TokenizeRecords(beam.PTransform):
     """RecordRef -> token rows (main output) and error rows (`.errors`)."""
 
-    def __init__(self, tokenizer_dir: str, segment_s: float, extra_columns: list[str]) -> None:
+    def __init__(
+        self,
+        tokenizer_dir: str,
+        segment_s: float,
+        extra_columns: list[str],
+        limits: RecordLimits | None = None,
+    ) -> None:
         super().__init__()
-        self._fn = _TokenizeRecordFn(tokenizer_dir, segment_s, extra_columns)
+        self._fn = _TokenizeRecordFn(
+            tokenizer_dir, segment_s, extra_columns, limits or RecordLimits()
+        )
 
     def expand(self, refs):
         return refs | "ReadFindBeatsTokenize" >> beam.ParDo(self._fn).with_outputs(

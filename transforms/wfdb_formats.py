@@ -12,6 +12,7 @@ Sample decoding covers every fixed-width WFDB format (8, 16, 24, 32, 61, 80, 160
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -120,6 +121,20 @@ def parse_header(raw: bytes | str, where: str = "header") -> Header:
     if m is None:
         raise _bad(f"{where}: record line {lines[0][:80]!r} is not WFDB syntax")
     name, n_seg, n_sig, fs, _cf, _bc, sig_len, _bt, _bd = m.groups()
+    # The grammar lets a negative rate or length slip into other fields (and a default
+    # of 250 Hz take its place); look at the raw fields too.
+    tokens = lines[0].split()
+    if len(tokens) >= 3:
+        raw_fs = re.split(r"[/(]", tokens[2], maxsplit=1)[0]
+        try:
+            if float(raw_fs) <= 0:
+                raise RecordError(
+                    STAGE, "bad_sampling_rate", f"{where}: sampling frequency {raw_fs} Hz"
+                )
+        except ValueError as exc:
+            raise _bad(f"{where}: sampling frequency {tokens[2]!r} is not a number") from exc
+    if len(tokens) >= 4 and tokens[3].startswith("-"):
+        raise RecordError(STAGE, "bad_length", f"{where}: signal length {tokens[3]}")
     try:
         fs_val = float(fs) if fs else 250.0
     except ValueError as exc:

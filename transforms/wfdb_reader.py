@@ -34,6 +34,7 @@ import os
 import posixpath
 import re
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -60,6 +61,7 @@ MAX_HEADER_BYTES = 16 << 20
 MAX_TOTAL_SAMPLES = 1 << 40  # samples x leads; beyond this a length is absurd
 MAX_NESTING = 4
 SLAB_SAMPLES = 1 << 21
+SEGMENT_THREADS = 8
 _UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "v": 1e3, "nv": 1e-6, "kv": 1e6}
 
 
@@ -110,6 +112,7 @@ class _Files:
     def __init__(self) -> None:
         self._sizes: dict[str, int | None] = {}
         self._handles: dict[str, object] = {}
+        self._lock = threading.Lock()  # segments of a remote record load in threads
 
     def size(self, path: str) -> int | None:
         if path not in self._sizes:
@@ -146,10 +149,16 @@ class _Files:
         return size
 
     def _keep(self, path: str, f) -> None:
-        while len(self._handles) >= self.MAX_OPEN:
-            oldest = next(iter(self._handles))
-            self._handles.pop(oldest).close()
-        self._handles[path] = f
+        evicted = []
+        with self._lock:
+            while len(self._handles) >= self.MAX_OPEN:
+                evicted.append(self._handles.pop(next(iter(self._handles))))
+            old = self._handles.pop(path, None)
+            if old is not None:
+                evicted.append(old)
+            self._handles[path] = f
+        for g in evicted:
+            g.close()
 
     def open(self, path: str):
         """A new reader (the caller closes it)."""
@@ -164,7 +173,8 @@ class _Files:
         )
 
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
-        f = self._handles.pop(path, None)
+        with self._lock:
+            f = self._handles.pop(path, None)
         if f is None:
             with self.open(path) as f:
                 f.seek(offset)
@@ -179,9 +189,10 @@ class _Files:
         return data
 
     def close(self) -> None:
-        for f in self._handles.values():
+        with self._lock:
+            handles, self._handles = list(self._handles.values()), {}
+        for f in handles:
             f.close()
-        self._handles.clear()
 
 
 def _safe_member(folder: str, name: str) -> str:
@@ -507,15 +518,14 @@ class _Multi:
                     STAGE, "bad_header", f"{where}: layout header {layout_name} has no signals"
                 )
             body = body[1:]
-        self.segments: list[tuple[int, int, object | None, list[int]]] = []
-        start = 0
         for seg_name, seg_len in body:
             if seg_len < 0:
                 raise RecordError(STAGE, "bad_length", f"{where}: segment {seg_name} length")
+
+        def load(item: tuple[str, int]):
+            seg_name, seg_len = item
             if seg_name == "~" or seg_len == 0:
-                self.segments.append((start, seg_len, None, []))
-                start += seg_len
-                continue
+                return None
             path = _safe_member(folder, seg_name + ".hea")
             try:
                 seg_header = _load_header(files, path, f"segment {seg_name}")
@@ -538,6 +548,12 @@ class _Multi:
                     "segment_rate_mismatch",
                     f"segment {seg_name} runs at {seg_header.fs:g} Hz; {where} at {header.fs:g}",
                 )
+            return src
+
+        sources = _map_in_order(load, body, parallel=not _is_local(folder))
+        self.segments: list[tuple[int, int, object | None, list[int]]] = []
+        start = 0
+        for (_name, seg_len), src in zip(body, sources):
             self.segments.append((start, seg_len, src, []))
             start += seg_len
         self.n_frames = start
@@ -619,6 +635,19 @@ class _Multi:
                 if c >= 0 and c not in covered:
                     view[:, c] = 0.0
             src.read_into(view, a - st, b - st, m, seg_cols)
+
+
+def _map_in_order(fn, items: list, parallel: bool) -> list:
+    """[fn(x) for x in items]; on a remote filesystem with a few threads, since each
+    segment costs round trips. The first failure in item order is raised, as the
+    sequential loop would."""
+    if not parallel or len(items) < 4:
+        return [fn(x) for x in items]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=SEGMENT_THREADS) as pool:
+        futures = [pool.submit(fn, x) for x in items]
+        return [f.result() for f in futures]
 
 
 def _load_header(files: _Files, path: str, where: str) -> Header:
@@ -824,7 +853,7 @@ def open_record(path: str, record_id: str | None = None) -> RecordReader:
         raise
     except Exception as exc:
         raise RecordError(
-            STAGE, "bad_header", f"record could not be opened: {type(exc).__name__}: {exc}"
+            STAGE, "read_failed", f"record could not be opened: {type(exc).__name__}: {exc}"
         ) from exc
 
 

@@ -44,7 +44,11 @@ FORMAT_SUFFIXES: dict[str, tuple[str, ...]] = {
 }
 FORMATS = tuple(FORMAT_SUFFIXES)
 ALL_SUFFIXES = tuple(sorted({s for v in FORMAT_SUFFIXES.values() for s in v}))
-XML_ROOTS = {"RestingECG": "ge_muse_xml", "AnnotatedECG": "hl7_aecg", "restingecgdata": "philips_xml"}
+XML_ROOTS = {
+    "RestingECG": "ge_muse_xml",
+    "AnnotatedECG": "hl7_aecg",
+    "restingecgdata": "philips_xml",
+}
 SNIFF_BYTES = 4096
 MAX_EXPORT_BYTES = 1 << 30  # one export held in memory; ISHNE is read by ranges instead
 
@@ -136,14 +140,16 @@ def _open_bytes(path: str) -> bytes:
     from apache_beam.io.filesystems import FileSystems
 
     try:
-        with FileSystems.open(path, mime_type="application/octet-stream", compression_type="uncompressed") as f:
+        with FileSystems.open(
+            path, mime_type="application/octet-stream", compression_type="uncompressed"
+        ) as f:
             data = f.read(MAX_EXPORT_BYTES + 1)
-    except FileNotFoundError:
-        raise fail("missing_file", "export file not found") from None
-    except OSError as e:
-        raise fail("io_error", f"export file cannot be read ({type(e).__name__})") from None
-    except Exception as e:  # Beam wraps filesystem errors in its own types
-        if "not found" in str(e).lower() or "no such file" in str(e).lower():
+    except Exception as e:  # Beam and its filesystems raise their own types
+        try:
+            missing = not FileSystems.exists(path)
+        except Exception:
+            missing = isinstance(e, FileNotFoundError)
+        if missing:
             raise fail("missing_file", "export file not found") from None
         raise fail("io_error", f"export file cannot be read ({type(e).__name__})") from None
     if len(data) > MAX_EXPORT_BYTES:
@@ -160,7 +166,10 @@ def read_export_bytes(
     if fmt is None:
         if not data:
             raise fail("truncated", "export file is empty")
-        raise fail("unknown_format", "file is not a supported ECG export (MUSE, aECG, Philips, DICOM, SCP, ISHNE)")
+        raise fail(
+            "unknown_format",
+            "file is not a supported ECG export (MUSE, aECG, Philips, DICOM, SCP, ISHNE)",
+        )
     if fmt == "ge_muse_xml":
         from ecgtok.transforms.formats.ge_muse import read_muse
 

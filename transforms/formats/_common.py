@@ -15,7 +15,8 @@ STAGE = "read"
 MIN_FS, MAX_FS = 50.0, 20_000.0
 MAX_LEADS = 64
 # samples x leads beyond which a declared size is absurd for one export held in memory
-MAX_VALUES = 1 << 28
+# (64 Mi values: 12 leads x 93 min at 1 kHz); checked before anything is allocated
+MAX_VALUES = 1 << 26
 MAX_XML_BYTES = 256 << 20
 
 
@@ -42,7 +43,7 @@ def parse_xml(data: bytes, what: str) -> ET.Element:
 
     root = None
     try:
-        for event, elem in iterparse(
+        for _event, elem in iterparse(
             io.BytesIO(data), events=("start",), forbid_dtd=False, forbid_entities=True
         ):
             elem.tag = local_name(elem.tag)
@@ -54,7 +55,9 @@ def parse_xml(data: bytes, what: str) -> ET.Element:
     except ET.ParseError as e:
         pos = getattr(e, "position", None)
         where = f" (line {pos[0]})" if pos else ""
-        raise fail("bad_xml", f"{what} file is not well-formed XML{where}: truncated or corrupted") from None
+        raise fail(
+            "bad_xml", f"{what} file is not well-formed XML{where}: truncated or corrupted"
+        ) from None
     except DefusedXmlException:
         raise fail("bad_xml", f"{what} file declares XML entities, which are refused") from None
     if root is None:

@@ -147,8 +147,8 @@ class DeidPolicy:
         meta.update(extra)
         return meta
 
-    def record_id(self, path: str) -> str:
-        return export_record_id(path, self)
+    def record_id(self, path: str, plain_id: str | None = None) -> str:
+        return export_record_id(path, self, plain_id)
 
     def public_path(self, path: str, record_id: str) -> str:
         return public_path(path, record_id, self)
@@ -161,15 +161,21 @@ def _clean_device(device: str | None) -> str | None:
     return d or None
 
 
-def export_record_id(path: str, policy: DeidPolicy | None = None) -> str:
-    """The record id of a hospital export: a keyed hash of its path.
+def export_record_id(
+    path: str, policy: DeidPolicy | None = None, plain_id: str | None = None
+) -> str:
+    """The record id of a hospital export: a keyed hash of `path`.
 
-    With `carry_identifiers` the path-derived id the caller would use anyway is fine, so
-    this returns the file name without folder and suffix. Without a key the hash is a
-    plain SHA-256 (stable across runs, but guessable from a known path).
+    Pass as `path` what identifies the file stably, e.g. its path relative to the archive
+    root (the id discovery would otherwise use), so local and gs:// copies of an archive
+    get the same ids. With `carry_identifiers` the plain id is kept: `plain_id` if given,
+    else the file name without folder and suffix. Without a key the hash is a plain
+    SHA-256 (stable across runs, but guessable from a known path): sites should set a key.
     """
     policy = policy or DeidPolicy()
     if policy.carry_identifiers:
+        if plain_id:
+            return plain_id
         base = path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
         return base.rsplit(".", 1)[0] if "." in base else base
     if policy.key:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
+import logging
 import re
+import warnings
 
 import numpy as np
 from ecgtok.transforms.formats._common import MAX_LEADS, MAX_VALUES, fail, make_record
@@ -74,7 +76,9 @@ def _check_group(g, index: int) -> tuple[int, int, float]:
         interp = str(g.WaveformSampleInterpretation)
         data = g.WaveformData
     except (AttributeError, TypeError, ValueError):
-        raise fail("bad_header", f"DICOM: waveform group {index + 1} lacks required attributes") from None
+        raise fail(
+            "bad_header", f"DICOM: waveform group {index + 1} lacks required attributes"
+        ) from None
     if not (0 < n_ch <= MAX_LEADS):
         raise fail("bad_header", f"DICOM: waveform group {index + 1} declares {n_ch} channels")
     if n <= 0 or n * n_ch > MAX_VALUES:
@@ -107,13 +111,25 @@ def _demographics(ds) -> Demographics:
     )
     age = str(ds.get("PatientAge") or "").strip()  # nnnD/W/M/Y
     if len(age) == 4 and age[:3].isdigit():
-        demo.age = {"Y": 1.0, "M": 1 / 12, "W": 1 / 52, "D": 1 / 365}.get(age[3].upper(), 0) * int(age[:3]) or None
-    make = " ".join(str(ds.get(k) or "").strip() for k in ("Manufacturer", "ManufacturerModelName")).strip()
+        demo.age = {"Y": 1.0, "M": 1 / 12, "W": 1 / 52, "D": 1 / 365}.get(age[3].upper(), 0) * int(
+            age[:3]
+        ) or None
+    make = " ".join(
+        str(ds.get(k) or "").strip() for k in ("Manufacturer", "ManufacturerModelName")
+    ).strip()
     demo.device = make or None
     return demo
 
 
 def read_dicom(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> Record:
+    # pydicom's validation warnings quote element values (names, IDs): never let them out
+    logging.getLogger("pydicom").disabled = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _read_dicom(data, path, record_id, policy)
+
+
+def _read_dicom(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> Record:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -124,10 +140,14 @@ def read_dicom(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> Re
     except InvalidDicomError:
         raise fail("bad_dicom", "DICOM: not a DICOM file") from None
     except Exception as e:  # pydicom raises many types on damaged files
-        raise fail("bad_dicom", f"DICOM: file is damaged or truncated ({type(e).__name__})") from None
+        raise fail(
+            "bad_dicom", f"DICOM: file is damaged or truncated ({type(e).__name__})"
+        ) from None
     if not seq:
         if sop and sop not in WAVEFORM_SOP_CLASSES:
-            raise fail("unsupported", "DICOM: not a waveform object (SOP class is not an ECG waveform)")
+            raise fail(
+                "unsupported", "DICOM: not a waveform object (SOP class is not an ECG waveform)"
+            )
         raise fail("no_signal", "DICOM: file holds no WaveformSequence")
     try:
         index = _pick_group(seq)

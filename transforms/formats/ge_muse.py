@@ -52,7 +52,9 @@ def _decode_lead(lead, index: int) -> tuple[str, np.ndarray, float]:
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise fail("bad_signal", f"GE MUSE: lead {index + 1} WaveFormData is not valid base64") from None
+        raise fail(
+            "bad_signal", f"GE MUSE: lead {index + 1} WaveFormData is not valid base64"
+        ) from None
     size = int(to_float(text(lead, "LeadSampleSize") or "2", "LeadSampleSize"))
     if size != 2:
         raise fail("unsupported", f"GE MUSE: {size}-byte samples are not supported (only 2)")
@@ -144,5 +146,7 @@ def read_muse(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> Rec
     demo = _demographics(root)
     version = text(root, "MuseInfo", "MuseVersion")
     meta = policy.meta(demo, FORMAT, schema_version=version)
-    rec = make_record(record_id, path, fs, signal, [originals[k] for k in names], meta, policy, "GE MUSE")
+    rec = make_record(
+        record_id, path, fs, signal, [originals[k] for k in names], meta, policy, "GE MUSE"
+    )
     return rec

@@ -10,8 +10,10 @@ axis from their heads; leads come out in the standard 12-lead order.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
-from ecgtok.transforms.formats._common import MAX_VALUES, child, fail, make_record, parse_xml, text
+from ecgtok.transforms.formats._common import MAX_VALUES, child, fail, make_record, parse_xml
 from ecgtok.transforms.formats.deid import (
     DeidPolicy,
     Demographics,
@@ -50,13 +52,19 @@ def _digits(value, lead_no: int) -> np.ndarray:
     digits = value.find("digits")
     if digits is None or not (digits.text or "").strip():
         raise fail("no_signal", f"HL7 aECG: lead {lead_no} has no digits")
-    tokens = digits.text.split()
-    if len(tokens) > MAX_VALUES:
+    body = digits.text
+    n_tokens = len(body.split())
+    if n_tokens > MAX_VALUES:
         raise fail("too_large", "HL7 aECG: a lead holds too many samples")
     try:
-        return np.array(tokens, dtype=np.float64)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # older NumPy stops early on bad text: counted below
+            values = np.fromstring(body, dtype=np.float64, sep=" ")
     except ValueError:
-        raise fail("bad_signal", f"HL7 aECG: lead {lead_no} digits are not numbers") from None
+        values = np.zeros(0)
+    if len(values) != n_tokens:
+        raise fail("bad_signal", f"HL7 aECG: lead {lead_no} digits are not numbers")
+    return values
 
 
 def _lead_name(code: str) -> str:
@@ -66,7 +74,9 @@ def _lead_name(code: str) -> str:
     return c
 
 
-def _sequence_set(sset, set_no: int) -> tuple[float | None, float, dict[str, np.ndarray], dict[str, str]]:
+def _sequence_set(
+    sset, set_no: int
+) -> tuple[float | None, float, dict[str, np.ndarray], dict[str, str]]:
     """(head in s, increment in s, lead -> mV samples, lead -> original code)."""
     head = None
     increment = None
@@ -83,7 +93,9 @@ def _sequence_set(sset, set_no: int) -> tuple[float | None, float, dict[str, np.
             inc = value.find("increment")
             if inc is None:
                 raise fail("bad_header", "HL7 aECG: time sequence has no increment")
-            increment = _num(inc, "value", "time increment") * _unit(inc, _TO_S, "time increment", "s")
+            increment = _num(inc, "value", "time increment") * _unit(
+                inc, _TO_S, "time increment", "s"
+            )
             h = value.find("head")
             if h is not None and vtype == "GLIST_TS":
                 ts = parse_hl7_ts(h.get("value"))
@@ -193,7 +205,10 @@ def read_aecg(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> Rec
         lengths = {len(v) for v in p[2].values()}
         if len(lengths) != 1:
             raise fail("bad_signal", "HL7 aECG: leads of one sequence set differ in length")
-    total = max(s + len(next(iter(p[2].values()))) for s, p in zip(starts, parsed))
+    lengths = [len(next(iter(p[2].values()))) for p in parsed]
+    total = max(s + n for s, n in zip(starts, lengths))
+    if total > 2 * sum(lengths):
+        raise fail("bad_header", "HL7 aECG: sequence sets lie far apart in time (corrupt heads)")
     names: list[str] = []
     originals: dict[str, str] = {}
     for p in parsed:
@@ -203,7 +218,9 @@ def read_aecg(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> Rec
                 originals[k] = p[3][k]
     if total * len(names) > MAX_VALUES:
         raise fail("too_large", "HL7 aECG: the recording is too large")
-    order = [k for k in STANDARD_LEADS if k in originals] + [k for k in names if k not in STANDARD_LEADS]
+    order = [k for k in STANDARD_LEADS if k in originals] + [
+        k for k in names if k not in STANDARD_LEADS
+    ]
     col = {k: i for i, k in enumerate(order)}
     signal = np.zeros((total, len(order)), dtype=np.float64)
     for s, p in zip(starts, parsed):
@@ -211,4 +228,13 @@ def read_aecg(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> Rec
             signal[s : s + len(v), col[k]] = v
     demo = _demographics(root)
     meta = policy.meta(demo, FORMAT)
-    return make_record(record_id, path, round(1.0 / increment, 6), signal, [originals[k] for k in order], meta, policy, "HL7 aECG")
+    return make_record(
+        record_id,
+        path,
+        round(1.0 / increment, 6),
+        signal,
+        [originals[k] for k in order],
+        meta,
+        policy,
+        "HL7 aECG",
+    )

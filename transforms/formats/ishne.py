@@ -82,7 +82,9 @@ class IshneHeader:
         if self.ecg_offset < HEADER_END + self.var_len or self.ecg_offset > file_size:
             raise fail("bad_header", "ISHNE: ECG block offset is out of range")
         if not (1 <= self.n_leads <= min(12, MAX_LEADS)):
-            raise fail("bad_header", f"ISHNE: header declares {self.n_leads} leads (1 to 12 allowed)")
+            raise fail(
+                "bad_header", f"ISHNE: header declares {self.n_leads} leads (1 to 12 allowed)"
+            )
         if not (0 < self.n_samples <= MAX_SAMPLES_PER_LEAD):
             raise fail("bad_header", "ISHNE: header declares no samples")
         check_fs(self.fs, "ISHNE")
@@ -97,7 +99,9 @@ class IshneHeader:
                 f"{self.n_samples} declared samples per lead",
             )
         self.gain_mv = np.array(res, dtype=np.float32) * np.float32(1e-6)
-        self.original_lead_names = [LEAD_CODES.get(c, f"lead code {c}") for c in self.lead_codes[: self.n_leads]]
+        self.original_lead_names = [
+            LEAD_CODES.get(c, f"lead code {c}") for c in self.lead_codes[: self.n_leads]
+        ]
         self._head = head
 
     def check_crc(self, crc_region: bytes) -> None:
@@ -128,7 +132,9 @@ class IshneHeader:
 class IshneReader:
     """A checked ISHNE file, ready to decode any range of samples (WFDB RecordReader API)."""
 
-    def __init__(self, path: str, record_id: str, policy: DeidPolicy | None = None, data: bytes | None = None):
+    def __init__(
+        self, path: str, record_id: str, policy: DeidPolicy | None = None, data: bytes | None = None
+    ):
         self.policy = policy or DeidPolicy()
         self.record_id = record_id
         self.source_path = self.policy.public_path(path, record_id)
@@ -143,7 +149,9 @@ class IshneReader:
                     path, mime_type="application/octet-stream", compression_type="uncompressed"
                 )
             except Exception as e:
-                raise fail("missing_file", f"ISHNE: file cannot be opened ({type(e).__name__})") from None
+                raise fail(
+                    "missing_file", f"ISHNE: file cannot be opened ({type(e).__name__})"
+                ) from None
         else:
             size = len(data)
         try:
@@ -233,6 +241,8 @@ def read_ishne(path: str, record_id: str, policy: DeidPolicy | None = None) -> R
         return reader.record()
 
 
-def read_ishne_bytes(data: bytes, path: str, record_id: str, policy: DeidPolicy | None = None) -> Record:
+def read_ishne_bytes(
+    data: bytes, path: str, record_id: str, policy: DeidPolicy | None = None
+) -> Record:
     with IshneReader(path, record_id, policy, data=data) as reader:
         return reader.record()

@@ -18,10 +18,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime as _dt
 
 import numpy as np
-from ecgtok.transforms.formats._common import MAX_LEADS, MAX_VALUES, child, fail, make_record, parse_xml, text, to_float
+from ecgtok.transforms.formats._common import (
+    MAX_LEADS,
+    MAX_VALUES,
+    child,
+    fail,
+    make_record,
+    parse_xml,
+    text,
+    to_float,
+)
 from ecgtok.transforms.formats.deid import DeidPolicy, Demographics, normalise_sex, parse_date
 from ecgtok.transforms.wfdb_reader import Record
 
@@ -29,6 +39,7 @@ FORMAT = "philips_xml"
 ROOT = "restingecgdata"
 VERSIONS = ("1.03", "1.04", "1.04.01", "1.04.02")
 LZW_BITS = 10
+MAX_DURATION_MS = 600_000  # resting ECGs are 10-11 s; beyond 10 min a header is corrupt
 _LZW_MAX = (1 << LZW_BITS) - 2  # 1022; code 1023 ends the stream
 _RESIDUAL = ["I", "II", "III", "aVR", "aVL", "aVF"]
 _STD12 = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6"]
@@ -92,7 +103,9 @@ def xli_undelta(buffer: bytes, start: int) -> np.ndarray:
     return out
 
 
-def xli_decode(data: bytes, n_leads: int | None = None, max_samples: int = 1 << 22) -> list[np.ndarray]:
+def xli_decode(
+    data: bytes, n_leads: int | None = None, max_samples: int = 1 << 22
+) -> list[np.ndarray]:
     """Decode XLI data into one int64 array per lead (all chunks, or the first n_leads)."""
     leads: list[np.ndarray] = []
     offset = 0
@@ -148,10 +161,8 @@ def _demographics(root) -> Demographics:
     )
     years = text(pat, "age", "years")
     if years is not None:
-        try:
+        with contextlib.suppress(ValueError):
             demo.age = float(years)
-        except ValueError:
-            pass
     acq = root.find("dataacquisition")
     if acq is not None:
         day = parse_date(acq.get("date"))
@@ -179,19 +190,25 @@ def read_philips(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> 
     doc_type = text(root, "documentinfo", "documenttype")
     version = text(root, "documentinfo", "documentversion")
     if doc_type not in ("SierraECG", "PhilipsECG") or version not in VERSIONS:
-        raise fail("unknown_schema", "Philips XML: document type/version is not SierraECG/PhilipsECG 1.03-1.04.x")
+        raise fail(
+            "unknown_schema",
+            "Philips XML: document type/version is not SierraECG/PhilipsECG 1.03-1.04.x",
+        )
     sig = next(root.iter("signalcharacteristics"), None)
     pw = next(root.iter("parsedwaveforms"), None)
     if sig is None or pw is None or not (pw.text or "").strip():
         raise fail("no_signal", "Philips XML: no parsedwaveforms")
-    fs = to_float(text(sig, "samplingrate") or pw.get("samplespersecond"), "Philips XML sampling rate")
+    fs = to_float(
+        text(sig, "samplingrate") or pw.get("samplespersecond"), "Philips XML sampling rate"
+    )
     res_uv = to_float(
-        text(sig, "resolution") or text(sig, "signalresolution") or pw.get("resolution"), "Philips XML resolution"
+        text(sig, "resolution") or text(sig, "signalresolution") or pw.get("resolution"),
+        "Philips XML resolution",
     )
     duration_ms = to_float(pw.get("durationperchannel"), "Philips XML durationperchannel")
     n = int(round(duration_ms * fs / 1000.0))
     labels = _labels(sig, pw)
-    if n <= 0 or n * len(labels) > MAX_VALUES:
+    if n <= 0 or duration_ms > MAX_DURATION_MS or n * len(labels) > MAX_VALUES:
         raise fail("bad_header", "Philips XML: declared duration is out of range")
     if (pw.get("dataencoding") or "Base64") != "Base64":
         raise fail("unsupported", "Philips XML: waveform encoding is not Base64")
@@ -208,7 +225,9 @@ def read_philips(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> 
         except XliError as e:
             raise fail("bad_signal", f"Philips XML: XLI data is corrupt ({e})") from None
         if len(decoded) < len(labels):
-            raise fail("truncated", f"Philips XML: XLI data holds {len(decoded)} of {len(labels)} leads")
+            raise fail(
+                "truncated", f"Philips XML: XLI data holds {len(decoded)} of {len(labels)} leads"
+            )
         short = [len(x) for x in decoded if len(x) < n]
         if short:
             raise fail("truncated", f"Philips XML: a lead holds {min(short)} of {n} samples")

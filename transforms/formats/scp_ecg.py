@@ -20,6 +20,7 @@ subtraction and bimodal compression (sections 4/5) are refused as `unsupported`.
 from __future__ import annotations
 
 import binascii
+import contextlib
 import datetime as _dt
 import struct
 
@@ -70,18 +71,13 @@ LEAD_CODES = {
     70: "D",
     71: "A",
     72: "J",
-    86: "V10",
-    87: "V11",
-    88: "V12",
 }
 
 # The standard default Huffman table (Annex of EN 1064): (code bits MSB-first, value);
 # the last two codes are escapes followed by an 8- or 16-bit two's-complement value.
 _DEFAULT_CODES = [("0", 0)]
-for _v in range(1, 9):
-    _p = "1" * (_v + 1) if _v > 1 else "1"
-    _DEFAULT_CODES.append(("1" * _v + "0" + "0", _v) if _v > 1 else ("100", 1))
-    _DEFAULT_CODES.append(("1" * _v + "0" + "1", -_v) if _v > 1 else ("101", -1))
+for _v in range(1, 9):  # '1'*v + '00' -> v, '1'*v + '01' -> -v ('100' = 1, ..., '1111111101' = -8)
+    _DEFAULT_CODES += [("1" * _v + "00", _v), ("1" * _v + "01", -_v)]
 _DEFAULT_ESCAPES = [("1111111110", 8), ("1111111111", 16)]
 
 
@@ -108,6 +104,14 @@ class HuffmanTable:
             for w in range(lo, hi):
                 if self.lookup[w] is None or self.lookup[w][0] > len(code):
                     self.lookup[w] = entry
+        self._arrays: tuple[np.ndarray, ...] | None = None
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """The lookup as NumPy arrays: prefix length, extra bits, mode, value (0 = no code)."""
+        if self._arrays is None:
+            rows = [e if e is not None else (0, 0, 1, 0) for e in self.lookup]
+            self._arrays = tuple(np.array(col, dtype=np.int64) for col in zip(*rows))
+        return self._arrays
 
 
 def default_tables() -> list[HuffmanTable]:
@@ -132,7 +136,9 @@ def parse_huffman_section(body: bytes) -> list[HuffmanTable] | None:
     if n_tables == DEFAULT_TABLE_ID:
         return default_tables()
     if n_tables == 0 or n_tables > 256:
-        raise fail("bad_huffman", "SCP-ECG: Huffman section declares an impossible number of tables")
+        raise fail(
+            "bad_huffman", "SCP-ECG: Huffman section declares an impossible number of tables"
+        )
     tables = []
     off = 2
     for _ in range(n_tables):
@@ -154,32 +160,79 @@ def parse_huffman_section(body: bytes) -> list[HuffmanTable] | None:
     return tables
 
 
-def huffman_decode(data: bytes, n: int, tables: list[HuffmanTable]) -> np.ndarray:
-    """Decode n values from an MSB-first bit stream (trailing padding ignored)."""
-    out = np.zeros(n, dtype=np.int64)
-    if n == 0:
-        return out
-    width = max(t.max_prefix for t in tables) + max(t.max_total for t in tables)
+def _bit_windows(data: bytes, width: int) -> np.ndarray:
+    """window[p] = the `width` bits of `data` starting at bit p, as an integer (MSB first)."""
     nbits = len(data) * 8
     bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
     bits = np.concatenate([bits, np.zeros(width, dtype=np.uint8)])
-    # window[p] = the `width` bits starting at bit p, as an integer (MSB first)
     window = np.zeros(nbits, dtype=np.int64)
     for k in range(width):
-        window = (window << 1) | bits[k : k + nbits]
-    win = window.tolist()
+        window <<= 1
+        window |= bits[k : k + nbits]
+    return window
+
+
+def huffman_decode(data: bytes, n: int, tables: list[HuffmanTable]) -> np.ndarray:
+    """Decode n values from an MSB-first bit stream (trailing padding ignored)."""
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    if len(tables) == 1 and all(e is None or e[2] == 1 for e in tables[0].lookup):
+        return _huffman_decode_one_table(data, n, tables[0])
+    return _huffman_decode_switching(data, n, tables)
+
+
+def _huffman_decode_one_table(data: bytes, n: int, table: HuffmanTable) -> np.ndarray:
+    """One table, no switch codes (the default table): the code at every bit position is
+    looked up with NumPy, then one Python step per value follows the chain of code starts."""
+    width = max(table.max_total, table.max_prefix)
+    nbits = len(data) * 8
+    window = _bit_windows(data, width)
+    lut = table.arrays()
+    idx = window >> (width - table.max_prefix)
+    step = lut[0][idx] + lut[1][idx]  # 0 where no code matches
+    steps = step.tolist()
+    starts = []
+    append = starts.append
+    p = 0
+    for _ in range(n):
+        if p >= nbits:
+            raise fail("truncated", f"SCP-ECG: lead data holds {len(starts)} of {n} samples")
+        s = steps[p]
+        if s == 0:
+            raise fail(
+                "bad_huffman", "SCP-ECG: bit pattern matches no Huffman code (corrupted data)"
+            )
+        append(p)
+        p += s
+    pos = np.asarray(starts, dtype=np.int64)
+    e = idx[pos]
+    plen, extra, value = lut[0][e], lut[1][e], lut[3][e].copy()
+    esc = extra > 0
+    if esc.any():
+        w, pl, ex = window[pos[esc]], plen[esc], extra[esc]
+        raw = (w >> (width - pl - ex)) & ((1 << ex) - 1)
+        value[esc] = np.where(raw >= (1 << (ex - 1)), raw - (1 << ex), raw)
+    return value
+
+
+def _huffman_decode_switching(data: bytes, n: int, tables: list[HuffmanTable]) -> np.ndarray:
+    """General case (several tables, switch codes): one Python step per code."""
+    width = max(t.max_prefix for t in tables) + max(t.max_total for t in tables)
+    nbits = len(data) * 8
+    win = _bit_windows(data, width).tolist()
     table = tables[0]
     p = 0
-    i = 0
-    res = []
+    res: list[int] = []
     append = res.append
-    while i < n:
+    while len(res) < n:
         if p >= nbits:
-            break
+            raise fail("truncated", f"SCP-ECG: lead data holds {len(res)} of {n} samples")
         w = win[p]
         entry = table.lookup[w >> (width - table.max_prefix)]
         if entry is None:
-            raise fail("bad_huffman", "SCP-ECG: bit pattern matches no Huffman code (corrupted data)")
+            raise fail(
+                "bad_huffman", "SCP-ECG: bit pattern matches no Huffman code (corrupted data)"
+            )
         plen, extra, mode, value = entry
         if mode == 0:  # switch table
             if not (1 <= value <= len(tables)):
@@ -194,11 +247,7 @@ def huffman_decode(data: bytes, n: int, tables: list[HuffmanTable]) -> np.ndarra
             value = raw
         append(value)
         p += plen + extra
-        i += 1
-    if i < n:
-        raise fail("truncated", f"SCP-ECG: lead data holds {i} of {n} samples")
-    out[:] = res
-    return out
+    return np.asarray(res, dtype=np.int64)
 
 
 def undifference(d: np.ndarray, order: int) -> np.ndarray:
@@ -293,19 +342,15 @@ def _demographics(sec1: bytes | None) -> Demographics:
         demo.age = age * factor if factor and age else None
     if len(t.get(5, b"")) >= 4:
         y, m, d = struct.unpack_from("<HBB", t[5], 0)
-        try:
+        with contextlib.suppress(ValueError):
             demo.birth_date = _dt.date(y, m, d) if y else None
-        except ValueError:
-            pass
     if len(t.get(8, b"")) >= 1:
         demo.sex = {1: "M", 2: "F"}.get(t[8][0])
     if len(t.get(25, b"")) >= 4:
         y, m, d = struct.unpack_from("<HBB", t[25], 0)
         hh, mm, ss = tuple(t.get(26, b"\0\0\0")[:3]) if len(t.get(26, b"")) >= 3 else (0, 0, 0)
-        try:
+        with contextlib.suppress(ValueError):
             demo.acquired = _dt.datetime(y, m, d, hh, mm, ss)
-        except ValueError:
-            pass
     dev = t.get(14, b"")
     if len(dev) >= 14:
         demo.device = _string(dev[8:14])
@@ -352,18 +397,18 @@ def read_scp(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> Reco
     total = max(s - first + c for s, c in zip(starts, counts))
     if total * len(leads) > MAX_VALUES:
         raise fail("too_large", "SCP-ECG: declared recording is too large")
+    for k, (n, nbytes) in enumerate(zip(counts, lengths)):
+        fits = n <= 8 * nbytes if tables is not None else n <= nbytes // 2 + 1
+        if not fits:
+            raise fail("truncated", f"SCP-ECG: lead {k + 1} data is too short for {n} samples")
     signal = np.zeros((total, len(leads)), dtype=np.float64)
-    for k, ((_, _, code), n, nbytes) in enumerate(zip(leads, counts, lengths)):
+    for k, ((_, _, _code), n, nbytes) in enumerate(zip(leads, counts, lengths)):
         chunk = sec6[off : off + nbytes]
         off += nbytes
         if tables is None:
-            got = min(n, nbytes // 2)
-            if got < n and n - got > 1:
-                raise fail("truncated", f"SCP-ECG: lead {k + 1} holds {got} of {n} samples")
+            got = min(n, nbytes // 2)  # a last sample number one too high is common (v1.x)
             values = np.frombuffer(chunk, dtype="<i2", count=got).astype(np.int64)
         else:
-            if n > 8 * nbytes:
-                raise fail("truncated", f"SCP-ECG: lead {k + 1} data is too short for {n} samples")
             values = huffman_decode(chunk, n, tables)
         values = undifference(values, diff)
         s = starts[k] - first

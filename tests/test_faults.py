@@ -1,0 +1,107 @@
+"""Faults: records that hang or need too much memory, and transient errors Beam retries."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import copy_record, data_path
+from ecgtok.pipeline.cli import main as cli
+from test_pipeline import read_folder, summary_of
+
+GOOD = ["G12EC/E00001", "G12EC/E00002"]
+
+
+@pytest.fixture()
+def archive(tmp_path):
+    root = data_path("cinc2021_12lead")
+    arch = tmp_path / "archive"
+    for rid in GOOD:
+        folder, name = os.path.split(rid)
+        copy_record(os.path.join(root, rid + ".hea"), str(arch / folder), name)
+    return arch
+
+
+def _header(path, name: str, fmt: str, n_samples: int | None, dat: str) -> None:
+    length = f" {n_samples}" if n_samples is not None else ""
+    with open(path / f"{name}.hea", "w") as f:
+        f.write(f"{name} 1 250{length}\n{dat} {fmt} 200 16 0 0 0 0 II\n")
+
+
+def hang_forever(*_args):
+    import time
+
+    while True:
+        time.sleep(1)
+
+
+def crash_hard(*_args):
+    import ctypes
+
+    ctypes.string_at(0)  # a segfault, as a broken C decoder would give
+
+
+def test_guard_turns_a_hang_and_a_crash_into_error_rows_and_recovers(tmp_path):
+    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.transforms.errors import RecordError
+    from ecgtok.transforms.isolation import GuardedTokenizer
+
+    rec = data_path("cinc2021_12lead", "G12EC", "E00001.hea")
+    for work, kind in ((hang_forever, "timeout"), (crash_hard, "worker_crashed")):
+        guard = GuardedTokenizer(default_tokenizer_dir(), timeout_s=5, memory_mb=0, work=work)
+        with pytest.raises(RecordError) as info:
+            guard.tokenize(rec, "x", 300.0, {})
+        assert (info.value.stage, info.value.error_type) == ("limits", kind)
+        # The next record gets a fresh child and is processed normally.
+        guard._work = GuardedTokenizer(default_tokenizer_dir(), 5, 0)._work
+        rows = guard.tokenize(rec, "G12EC/E00001", 300.0, {})
+        assert rows and rows[0]["record_id"] == "G12EC/E00001" and len(rows[0]["r_peaks"]) > 5
+        guard.close()
+
+
+def test_a_record_too_big_for_its_memory_bound_becomes_an_error_row(archive, tmp_path, capsys):
+    bad = archive / "bad"
+    bad.mkdir()
+    n = 400_000_000  # 800 MB of int16 on disk (sparse), gigabytes once decoded to float
+    with open(bad / "huge.dat", "wb") as f:
+        f.truncate(2 * n)
+    _header(bad, "huge", "16", n, "huge.dat")
+    dst = str(tmp_path / "out")
+    code = cli(["tokenize", "--input", str(archive), "--output", dst, "--record_memory_mb=1500"])
+    capsys.readouterr()
+    assert code == 0
+    (err,) = read_folder(os.path.join(dst, "errors"))
+    assert err["record_id"] == "bad/huge"
+    assert err["error_type"] in ("out_of_memory", "worker_crashed", "MemoryError")
+    assert sorted(r["record_id"] for r in read_folder(os.path.join(dst, "tokens"))) == GOOD
+
+
+def test_transient_failures_are_retried_without_duplicates_or_losses(
+    archive, tmp_path, monkeypatch, capsys
+):
+    """A storage hiccup on the first attempt of each record: Beam retries the bundle."""
+    from ecgtok.transforms import record_tokens
+
+    real = record_tokens.read_record
+    attempts: dict[str, int] = {}
+
+    def flaky_read(path, record_id=None):
+        attempts[record_id] = attempts.get(record_id, 0) + 1
+        if attempts[record_id] == 1:
+            raise ConnectionError(f"injected transient fault reading {record_id}")
+        return real(path, record_id)
+
+    monkeypatch.setattr(record_tokens, "read_record", flaky_read)
+    dst = str(tmp_path / "out")
+    args = ["run", "--input", str(archive), "--output", dst]
+    # The bundle-based DirectRunner retries failed bundles; in-process so the patch applies.
+    args += ["--runner=BundleBasedDirectRunner", "--isolation=none"]
+    assert cli(args) == 0
+    capsys.readouterr()
+    assert all(n >= 2 for n in attempts.values()) and len(attempts) == len(GOOD)
+    tokens = read_folder(os.path.join(dst, "tokens"))
+    scores = read_folder(os.path.join(dst, "scores"))
+    assert sorted(r["record_id"] for r in tokens) == GOOD
+    assert sorted(r["record_id"] for r in scores) == GOOD
+    s = summary_of(dst)
+    assert s["tokenized"] == 2 and s["failed"] == 0 and s["scored"] == 2
