@@ -139,7 +139,11 @@ def mitdb_labels(folder: str, segment_s: float = SEGMENT_S) -> list[dict]:
     return rows
 
 
-BUILDERS = {"cinc2017_af": cinc2017_labels, "cinc2021_12lead": cinc2021_labels, "mitdb": mitdb_labels}
+BUILDERS = {
+    "cinc2017_af": cinc2017_labels,
+    "cinc2021_12lead": cinc2021_labels,
+    "mitdb": mitdb_labels,
+}
 
 
 def build_labels(data: str, prefix_folder: bool = False) -> list[dict]:

@@ -1,12 +1,16 @@
-"""Training commands: fit-tokenizer (a Beam job), pretrain and finetune (torch).
+"""Training commands: fit-tokenizer (a Beam job), fidelity, pretrain and finetune (torch).
 
-    ecgtok fit-tokenizer --input SRC --output DIR [--vocab-size 512] [--max-beats 120000] [--seed 0]
+    ecgtok fit-tokenizer --input SRC [SRC ...] --output DIR [--vocab-size 512]
+                         [--max-beats 120000] [--seed 0] [--holdout 0.2]
+    ecgtok fidelity --input SRC [SRC ...] [--tokenizer DIR] [--split all|holdout|fit]
     ecgtok pretrain --tokens DIR [DIR ...] --output DIR [--epochs 3] [--tokenizer DIR]
     ecgtok finetune --tokens DIR [DIR ...] --labels CSV --output DIR [--init DIR] [--epochs 8]
 
 fit-tokenizer samples beat windows across the archive with a seeded hash priority and
 keeps the `max-beats` smallest priorities with Beam's `Top` combiner, so its memory is
-bounded whatever the archive's size and the sample is the same on every runner.
+bounded whatever the archive's size and the sample is the same on every runner. With
+`--holdout F` a seeded hash of each record id sets a fraction F of the records aside: they
+are never sampled, and `ecgtok fidelity --split holdout` measures the tokenizer on them.
 """
 
 from __future__ import annotations
@@ -27,13 +31,22 @@ def _priority(seed: int, record_id: str, beat: int, lead: int) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
 
 
-def beat_samples(ref, seed: int, per_record: int):
+def in_holdout(record_id: str, seed: int, fraction: float) -> bool:
+    """Whether a record is set aside from fitting (seeded hash of its id)."""
+    if fraction <= 0:
+        return False
+    return _priority(seed, "holdout|" + record_id, 0, 0) < fraction * 2.0**64
+
+
+def beat_samples(ref, seed: int, per_record: int, holdout: float = 0.0, view: dict | None = None):
     """(priority, window) pairs for up to `per_record` beats × leads of one record."""
-    from ecgtok.transforms import windows as W
+    from ecgtok.models.tokenizer import DEFAULT_VIEW, beat_view
     from ecgtok.transforms.errors import RecordError
     from ecgtok.transforms.record_tokens import find_beats
     from ecgtok.transforms.wfdb_reader import read_record
 
+    if in_holdout(ref.record_id, seed, holdout):
+        return
     try:
         rec = read_record(ref.source_path, ref.record_id)
         r_peaks, flags = find_beats(rec)
@@ -41,8 +54,7 @@ def beat_samples(ref, seed: int, per_record: int):
         return
     from ecgtok.transforms.beats import FLAG_NOISE_MASK
 
-    clean = W.clean_for_windows(rec.signal, rec.fs)
-    wins = W.beat_windows(clean, W.to_window_rate(r_peaks, rec.fs))
+    wins = beat_view(rec.signal, rec.fs, r_peaks, DEFAULT_VIEW if view is None else view)
     items = []
     for b in range(wins.shape[0]):
         if flags.size and flags[b] & FLAG_NOISE_MASK:
@@ -55,7 +67,13 @@ def beat_samples(ref, seed: int, per_record: int):
 
 
 def sample_beats(
-    src: str, out_dir: str, max_beats: int, seed: int, per_record: int, beam_args: list[str]
+    src: str | list[str],
+    out_dir: str,
+    max_beats: int,
+    seed: int,
+    per_record: int,
+    beam_args: list[str],
+    holdout: float = 0.0,
 ):
     """Run the sampling Beam job and return the sampled windows (N, 96), sorted by priority."""
     import apache_beam as beam
@@ -68,11 +86,12 @@ def sample_beats(
     runner = local_runner(options) if is_local_default(options) else None
     # The sample travels back through a file beside the output, so any runner can run it.
     sample_path = _join(out_dir, "_beat_sample.npy")
+    sources = [src] if isinstance(src, str) else list(src)
     with beam.Pipeline(runner=runner, options=options) as p:
+        refs = [p | f"DiscoverRecords{i}" >> DiscoverRecords(s) for i, s in enumerate(sources)]
         _ = (
-            p
-            | "DiscoverRecords" >> DiscoverRecords(src)
-            | "SampleBeats" >> beam.FlatMap(beat_samples, seed, per_record)
+            (refs | "AllSources" >> beam.Flatten())
+            | "SampleBeats" >> beam.FlatMap(beat_samples, seed, per_record, holdout)
             | "KeepSmallestPriorities" >> beam.combiners.Top.Smallest(max_beats, key=lambda t: t[0])
             | "WriteSample" >> beam.Map(_write_sample, sample_path)
         )
@@ -97,28 +116,216 @@ def _write_sample(items, path: str) -> None:
 
 def fit_tokenizer_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="ecgtok fit-tokenizer")
-    ap.add_argument("--input", required=True)
+    ap.add_argument("--input", required=True, nargs="+", help="one or more archives")
     ap.add_argument("--output", required=True)
     ap.add_argument("--vocab-size", type=int, default=512)
     ap.add_argument("--max-beats", type=int, default=120_000)
     ap.add_argument("--per-record", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--holdout", type=float, default=0.0, help="fraction of records set aside (by id hash)"
+    )
     args, beam_args = ap.parse_known_args(argv)
     if not FileSystems.exists(args.output):
         FileSystems.mkdirs(args.output)
     beats = sample_beats(
-        args.input, args.output, args.max_beats, args.seed, args.per_record, beam_args
+        args.input,
+        args.output,
+        args.max_beats,
+        args.seed,
+        args.per_record,
+        beam_args,
+        args.holdout,
     )
     codebook = fit_codebook(beats, args.vocab_size, args.seed)
-    tok = Tokenizer(codebook, tokenizer_meta(codebook.shape[0], args.seed, len(beats), args.input))
+    source = " ".join(_portable(s) for s in args.input)
+    meta = tokenizer_meta(codebook.shape[0], args.seed, len(beats), source)
+    meta["holdout_fraction"] = args.holdout
+    meta["per_record"] = args.per_record
+    tok = Tokenizer(codebook, meta)
     tid = tok.save(args.output)
     print(json.dumps({"tokenizer_id": tid, "beats": len(beats), "codebook": list(codebook.shape)}))
     return 0
 
 
+def _portable(path: str) -> str:
+    """A source path as stored in artifacts: relative to the working directory if local."""
+    import os
+
+    if "://" in path or not os.path.isabs(path):
+        return path
+    return os.path.relpath(path)
+
+
+# ---- fidelity ----------------------------------------------------------------------------
+def record_fidelity(ref, tokenizer_dir: str, per_record: int, seed: int):
+    """Per-beat Pearson r, PRD, assigned code and RR check of one record (None if unread)."""
+    from ecgtok.models.tokenizer import Tokenizer as Tok
+    from ecgtok.models.tokenizer import pearson_r
+    from ecgtok.transforms.errors import RecordError
+    from ecgtok.transforms.record_tokens import find_beats
+    from ecgtok.transforms.wfdb_reader import read_record
+
+    tok = _cached_tokenizer(tokenizer_dir)
+    try:
+        rec = read_record(ref.source_path, ref.record_id)
+        r_peaks, _flags = find_beats(rec)
+    except RecordError:
+        return None
+    wins = tok.beat_windows(rec.signal, rec.fs, r_peaks)
+    x = wins.reshape(-1, wins.shape[-1])
+    if per_record and x.shape[0] > per_record:
+        pri = np.array(
+            [_priority(seed, ref.record_id, i, 0) for i in range(x.shape[0])], dtype=np.uint64
+        )
+        x = x[np.sort(np.argsort(pri, kind="stable")[:per_record])]
+    # Every beat, noisy ones included, is scored against its nearest word.
+    codes = tok.assign(x)
+    dec = tok.decode(codes + tok.morph_offset)
+    r = pearson_r(x, dec)
+    energy = np.sqrt((x.astype(np.float64) ** 2).sum(axis=1))
+    err = np.sqrt(((x.astype(np.float64) - dec) ** 2).sum(axis=1))
+    prd = np.where(energy > 0, 100.0 * err / np.maximum(energy, 1e-12), np.nan)
+    # Rhythm: the RR each rhythm word stands for (its bin's geometric centre) vs the true RR.
+    rr_err = np.zeros(0)
+    if r_peaks.size > 1:
+        rr = np.diff(r_peaks) / rec.fs
+        words = Tok.rhythm_words(r_peaks, rec.fs)[1:]
+        rr_err = rhythm_word_rr(words) - rr
+    return {
+        "r": r.astype(np.float32),
+        "prd": prd.astype(np.float32),
+        "codes": codes.astype(np.int32),
+        "rr_err": rr_err.astype(np.float32),
+        "rr": (np.diff(r_peaks) / rec.fs).astype(np.float32) if r_peaks.size > 1 else rr_err,
+    }
+
+
+def rhythm_word_rr(words: np.ndarray) -> np.ndarray:
+    """The RR interval (s) a rhythm word stands for: its bin's geometric centre."""
+    from ecgtok.models.tokenizer import N_SPECIAL, RR_EDGES_S
+
+    edges = np.concatenate([[RR_EDGES_S[0] / 1.15], RR_EDGES_S, [RR_EDGES_S[-1] * 1.15]])
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    b = np.clip(np.asarray(words) - N_SPECIAL - 1, 0, len(centres) - 1)
+    return centres[b]
+
+
+_TOKENIZERS: dict = {}
+
+
+def _cached_tokenizer(folder: str):
+    if folder not in _TOKENIZERS:
+        _TOKENIZERS[folder] = Tokenizer.load(folder)
+    return _TOKENIZERS[folder]
+
+
+def _fidelity_job(args):
+    ref, tokenizer_dir, per_record, seed = args
+    return record_fidelity(ref, tokenizer_dir, per_record, seed)
+
+
+def fidelity(
+    sources: list[str], tokenizer_dir: str, split: str = "all", per_record: int = 600, workers=0
+) -> dict:
+    """Reconstruction fidelity of a tokenizer on the records of `sources`."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from ecgtok.pipeline.discovery import discover
+
+    tok = Tokenizer.load(tokenizer_dir)
+    frac = float(tok.meta.get("holdout_fraction", 0.0))
+    seed = int(tok.meta.get("seed", 0))
+    refs = []
+    for src in sources:
+        for ref in discover(src):
+            held = in_holdout(ref.record_id, seed, frac)
+            if split == "all" or (split == "holdout") == held:
+                refs.append(ref)
+    jobs = [(ref, tokenizer_dir, per_record, seed) for ref in refs]
+    workers = workers or min(4, os.cpu_count() or 1)
+    if workers > 1 and len(jobs) > 8:
+        with ProcessPoolExecutor(workers) as ex:
+            results = list(ex.map(_fidelity_job, jobs, chunksize=8))
+    else:
+        results = [_fidelity_job(j) for j in jobs]
+    results = [x for x in results if x is not None]
+    if not results:
+        raise SystemExit("ecgtok: error: no readable record with beats in --input")
+    r = np.concatenate([x["r"] for x in results])
+    prd = np.concatenate([x["prd"] for x in results])
+    codes = np.concatenate([x["codes"] for x in results])
+    rr_err = np.concatenate([x["rr_err"] for x in results])
+    rr = np.concatenate([x["rr"] for x in results])
+    k = tok.codebook.shape[0]
+    counts = np.bincount(codes, minlength=k)
+    p = counts[counts > 0] / max(1, counts.sum())
+    rel = np.abs(rr_err) / np.maximum(rr, 1e-6) if rr.size else np.zeros(0)
+    return {
+        "tokenizer_id": tok.tokenizer_id,
+        "codebook_size": int(k),
+        "split": split,
+        "n_records": len(results),
+        "n_beats": int(r.size),
+        "median_r": _round(np.nanmedian(r)),
+        "p10_r": _round(np.nanpercentile(r, 10)),
+        "mean_r": _round(np.nanmean(r)),
+        "prd_median": _round(np.nanmedian(prd), 2),
+        "prd_p90": _round(np.nanpercentile(prd, 90), 2),
+        "codes_used_fraction": _round((counts > 0).mean()),
+        "perplexity": _round(float(np.exp(-(p * np.log(p)).sum())), 1),
+        "rhythm_rr_rel_error_median": _round(np.median(rel)) if rel.size else None,
+        "rhythm_rr_rel_error_p90": _round(np.percentile(rel, 90)) if rel.size else None,
+        "rhythm_words_checked": int(rr.size),
+    }
+
+
+def _round(x, nd: int = 4):
+    return None if x is None or not np.isfinite(x) else round(float(x), nd)
+
+
+def fidelity_main(argv: list[str]) -> int:
+    from ecgtok.pipeline.options import default_tokenizer_dir
+
+    ap = argparse.ArgumentParser(prog="ecgtok fidelity")
+    ap.add_argument("--input", required=True, nargs="+")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument(
+        "--split",
+        choices=("all", "holdout", "fit"),
+        default="all",
+        help="records set aside when the tokenizer was fitted (holdout), the others (fit)",
+    )
+    ap.add_argument("--per-record", type=int, default=600, help="beats × leads per record")
+    ap.add_argument("--workers", type=int, default=0)
+    args = ap.parse_args(argv)
+    out = fidelity(
+        args.input,
+        args.tokenizer or default_tokenizer_dir(),
+        args.split,
+        args.per_record,
+        args.workers,
+    )
+    print(json.dumps(out))
+    return 0
+
+
 # ---- torch training --------------------------------------------------------------------
+ROW_COLUMNS = (
+    "record_id",
+    "start_sample",
+    "fs",
+    "lead_names",
+    "r_peaks",
+    "tokens",
+    "rhythm",
+    "tokenizer_id",
+)
+
+
 def load_token_rows(folders: list[str]) -> list[dict]:
-    """All token rows of the given run outputs or tokens/ folders."""
+    """All token rows of the given run outputs or tokens/ folders (sorted, deterministic)."""
     import glob
     import os
 
@@ -130,12 +337,23 @@ def load_token_rows(folders: list[str]) -> list[dict]:
             glob.glob(os.path.join(folder, "*.parquet"))
         )
         for f in files:
-            rows.extend(
-                pq.read_table(
-                    f, columns=["record_id", "start_sample", "lead_names", "tokens", "rhythm"]
-                ).to_pylist()
-            )
+            names = set(pq.read_schema(f).names)
+            cols = [c for c in ROW_COLUMNS if c in names]
+            rows.extend(pq.read_table(f, columns=cols).to_pylist())
+    rows.sort(key=lambda r: (r["record_id"], int(r["start_sample"])))
     return rows
+
+
+def check_rows_tokenizer(rows: list[dict], tokenizer_id: str) -> None:
+    """Refuse token rows made by another tokenizer than the one training expects."""
+    from ecgtok.models.tokenizer import ArtifactError
+
+    found = {r.get("tokenizer_id") for r in rows} - {None, ""}
+    if found and found != {tokenizer_id}:
+        raise ArtifactError(
+            f"token rows come from tokenizer(s) {sorted(found)}, not {tokenizer_id}: "
+            "re-tokenize with the same tokenizer"
+        )
 
 
 def _batches(n: int, size: int, rng: np.random.Generator):
@@ -144,12 +362,21 @@ def _batches(n: int, size: int, rng: np.random.Generator):
         yield order[i : i + size]
 
 
+def _set_threads() -> None:
+    import os
+
+    import torch
+
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
 def pretrain(rows: list[dict], vocab_size: int, epochs: int, seed: int, arch: dict, log=print):
     """Masked-beat pretraining: hide 15% of beats (all leads) and predict their words."""
     import torch
     from ecgtok.models.model import EcgLM, collate, row_to_example
     from ecgtok.models.tokenizer import MASK, PAD
 
+    _set_threads()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = EcgLM(vocab_size, **arch)
@@ -159,7 +386,7 @@ def pretrain(rows: list[dict], vocab_size: int, epochs: int, seed: int, arch: di
         total, count = 0.0, 0
         model.train()
         for idx in _batches(len(examples), 32, rng):
-            b = collate([examples[i] for i in idx])
+            b = collate([_crop(examples[i], rng, 64) for i in idx])
             beat_ok = b["rhythm"] != PAD
             masked = (torch.rand(beat_ok.shape) < 0.15) & beat_ok
             if not masked.any():
@@ -168,9 +395,9 @@ def pretrain(rows: list[dict], vocab_size: int, epochs: int, seed: int, arch: di
             words = b["words"].clone()
             words[masked[:, None, :].expand_as(words)] = MASK
             words[target == PAD] = PAD
-            logits = model.mlm_logits(words, b["rhythm"], b["leads"])  # (B, T, V)
+            logits = model.mlm_logits(words, b["rhythm"], b["leads"], b["rr"])  # (B, T, V)
             # Every present lead of a masked beat is a target for that beat's state.
-            lead_ok = (b["leads"] >= 0)[:, :, None] & masked[:, None, :]
+            lead_ok = (b["leads"] >= 0)[:, :, None] & masked[:, None, :] & (target != PAD)
             lg = logits[:, None, :, :].expand(-1, words.shape[1], -1, -1)[lead_ok]
             loss = torch.nn.functional.cross_entropy(lg, target[lead_ok])
             opt.zero_grad()
@@ -182,38 +409,96 @@ def pretrain(rows: list[dict], vocab_size: int, epochs: int, seed: int, arch: di
     return model
 
 
-def finetune(model, rows: list[dict], labels: dict, heads, epochs: int, seed: int, log=print):
-    """Fit the task heads (and the encoder) on labelled rows; missing labels are masked."""
+def _crop(example: dict, rng: np.random.Generator, max_beats: int, min_beats: int = 0) -> dict:
+    """A random run of beats (length min_beats..max_beats) of an example, all leads."""
+    t = example["rhythm"].shape[0]
+    if t <= max_beats and not min_beats:
+        return example
+    n = int(rng.integers(min(min_beats or max_beats, t), min(max_beats, t) + 1))
+    s = int(rng.integers(0, t - n + 1))
+    out = dict(example)
+    out["words"] = example["words"][:, s : s + n]
+    out["rhythm"] = example["rhythm"][s : s + n]
+    if "rr" in example:
+        out["rr"] = example["rr"][s : s + n]
+    return out
+
+
+def _lead_dropout(example: dict, rng: np.random.Generator) -> dict:
+    """Multi-lead records: half the time one random lead, else a random subset of leads."""
+    n = example["leads"].shape[0]
+    if n < 2 or rng.random() < 0.3:
+        return example
+    keep = (
+        [int(rng.integers(n))]
+        if rng.random() < 0.5
+        else sorted(rng.choice(n, size=int(rng.integers(2, n + 1)), replace=False).tolist())
+    )
+    out = dict(example)
+    out["words"] = example["words"][keep]
+    out["leads"] = example["leads"][keep]
+    return out
+
+
+def labelled(rows: list[dict], labels: dict) -> list[tuple[dict, dict]]:
+    """(row, labels) pairs: a segment label first, else the record's label."""
+    out = []
+    for r in rows:
+        y = labels.get((r["record_id"], int(r["start_sample"])))
+        if y is None:
+            y = labels.get((r["record_id"], None))
+        if y is not None:
+            out.append((r, y))
+    return out
+
+
+def finetune(
+    model, pairs: list[tuple[dict, dict]], heads, epochs: int, seed: int, log=print, lr=5e-4
+):
+    """Fit the task heads and the encoder on labelled rows; missing labels are masked.
+
+    Augmentation for records of any length, device and lead set: long rows whose labels
+    are pure (0 or 1) are cut to a random run of 8-64 beats (about 5-50 s) each time they
+    are seen, and multi-lead rows often lose some or all but one of their leads.
+    """
     import torch
     from ecgtok.models.model import collate, row_to_example
 
+    _set_threads()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     data = []
-    for r in rows:
-        y = labels.get((r["record_id"], int(r["start_sample"]))) or labels.get(
-            (r["record_id"], None)
-        )
-        if y is not None:
-            data.append((row_to_example(r), y))
+    for row, y in pairs:
+        vals = [y.get(h, np.nan) for h in heads]
+        pure = all(np.isnan(v) or v <= 0.02 or v >= 0.98 for v in vals)
+        vals = [v if np.isnan(v) else float(v >= 0.5) if pure else v for v in vals]
+        data.append((row_to_example(row), np.array(vals, dtype=np.float32), pure))
     if not data:
         raise SystemExit("ecgtok: error: no token row matches a label row")
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.01)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps = epochs * ((len(data) + 31) // 32)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps))
     for epoch in range(epochs):
         model.train()
         total, count = 0.0, 0
         for idx in _batches(len(data), 32, rng):
-            b = collate([data[i][0] for i in idx])
-            y = torch.tensor(
-                [[data[i][1].get(h, np.nan) for h in heads] for i in idx], dtype=torch.float32
-            )
+            exs = []
+            for i in idx:
+                ex, _, pure = data[i]
+                if pure:
+                    ex = _crop(ex, rng, 64, 8)
+                exs.append(_lead_dropout(ex, rng))
+            b = collate(exs)
+            y = torch.from_numpy(np.stack([data[i][1] for i in idx]))
             out = model(**b)
             p = torch.stack([out[h] for h in heads], dim=1).clamp(1e-6, 1 - 1e-6)
             known = ~torch.isnan(y)
             loss = torch.nn.functional.binary_cross_entropy(p[known], y[known])
             opt.zero_grad()
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            sched.step()
             total += float(loss) * len(idx)
             count += len(idx)
         log(
@@ -222,17 +507,52 @@ def finetune(model, rows: list[dict], labels: dict, heads, epochs: int, seed: in
     return model
 
 
-def read_labels(path: str, heads) -> dict:
-    """CSV of record_id [, start_sample], label columns (0/1, empty = unknown)."""
+def predict(model, rows: list[dict], batch: int = 64) -> dict[str, np.ndarray]:
+    """Head probabilities for rows (eval mode, no augmentation)."""
+    import torch
+    from ecgtok.models.model import collate, row_to_example
+
+    model.eval()
+    outs: dict[str, list] = {h: [] for h in model.heads}
+    with torch.inference_mode():
+        for i in range(0, len(rows), batch):
+            b = collate([row_to_example(r) for r in rows[i : i + batch]])
+            o = model(**b)
+            for h in model.heads:
+                outs[h].append(o[h].numpy())
+    return {h: np.concatenate(v) if v else np.zeros(0) for h, v in outs.items()}
+
+
+def read_labels(path: str, heads, split: str | None = None) -> dict:
+    """CSV of record_id [, start_sample], label columns (0..1, empty = unknown).
+
+    With `split`, only rows whose `split` column equals it (a CSV without that column
+    keeps all rows).
+    """
     import csv
 
     out = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
+            if split and row.get("split") not in (None, split):
+                continue
             start = row.get("start_sample")
             key = (row["record_id"], int(start) if start not in (None, "") else None)
             out[key] = {h: float(row[h]) for h in heads if row.get(h) not in (None, "")}
     return out
+
+
+def read_label_sources(path: str) -> dict:
+    """(record_id, start_sample or None) -> source column of a labels CSV."""
+    import csv
+
+    with open(path, newline="") as f:
+        return {
+            (r["record_id"], int(r["start_sample"]) if r.get("start_sample") else None): r.get(
+                "source", ""
+            )
+            for r in csv.DictReader(f)
+        }
 
 
 def _train_parser(prog: str) -> argparse.ArgumentParser:
@@ -248,19 +568,25 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def pretrain_main(argv: list[str]) -> int:
-    from ecgtok.models.model import HEADS, save_model
+    from ecgtok.models.model import HEADS, N_RR_FEATURES, save_model
     from ecgtok.pipeline.options import default_tokenizer_dir
 
     args = _train_parser("ecgtok pretrain").parse_args(argv)
     tok = Tokenizer.load(args.tokenizer or default_tokenizer_dir())
     rows = load_token_rows(args.tokens)
-    arch = {"d_model": args.d_model, "n_layers": args.layers}
+    check_rows_tokenizer(rows, tok.tokenizer_id)
+    arch = {"d_model": args.d_model, "n_layers": args.layers, "rr_features": N_RR_FEATURES}
     model = pretrain(rows, tok.vocab_size, args.epochs, args.seed, arch, log=_err)
     config = {
         "arch": {"vocab_size": tok.vocab_size, **arch, "heads": list(HEADS)},
         "tokenizer_id": tok.tokenizer_id,
         "stage": "pretrained",
-        "pretrain": {"rows": len(rows), "epochs": args.epochs, "seed": args.seed},
+        "pretrain": {
+            "rows": len(rows),
+            "tokens": [_portable(t) for t in args.tokens],
+            "epochs": args.epochs,
+            "seed": args.seed,
+        },
     }
     print(json.dumps({"model_id": save_model(model, config, args.output), "rows": len(rows)}))
     return 0
@@ -272,14 +598,219 @@ def finetune_main(argv: list[str]) -> int:
     ap = _train_parser("ecgtok finetune")
     ap.add_argument("--labels", required=True)
     ap.add_argument("--init", required=True, help="pretrained model folder")
+    ap.add_argument("--split", default=None, help="use only label rows of this split")
+    ap.add_argument("--lr", type=float, default=1e-3)
     args = ap.parse_args(argv)
     model, config = load_model(args.init)
     rows = load_token_rows(args.tokens)
-    labels = read_labels(args.labels, HEADS)
-    model = finetune(model, rows, labels, HEADS, args.epochs, args.seed, log=_err)
+    check_rows_tokenizer(rows, config["tokenizer_id"])
+    labels = read_labels(args.labels, HEADS, args.split)
+    pairs = labelled(rows, labels)
+    model = finetune(model, pairs, HEADS, args.epochs, args.seed, log=_err, lr=args.lr)
     config = {k: v for k, v in config.items() if k != "model_id"}
-    config.update(stage="finetuned", finetune={"labels": args.labels, "epochs": args.epochs})
-    print(json.dumps({"model_id": save_model(model, config, args.output)}))
+    config.update(
+        stage="finetuned",
+        finetune={
+            "labels": _portable(args.labels),
+            "split": args.split,
+            "rows": len(pairs),
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "seed": args.seed,
+        },
+    )
+    print(json.dumps({"model_id": save_model(model, config, args.output), "rows": len(pairs)}))
+    return 0
+
+
+# ---- evaluation ------------------------------------------------------------------------
+def rr_baseline(row: dict) -> float:
+    """Model-free AF score: RMSSD / mean RR of the row's beats (nan with < 3 beats)."""
+    r = np.asarray(row.get("r_peaks") or [], dtype=np.float64)
+    if r.size < 3:
+        return float("nan")
+    rr = np.diff(r) / float(row["fs"])
+    return float(np.sqrt(np.mean(np.diff(rr) ** 2)) / max(rr.mean(), 1e-6))
+
+
+def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float | None = None) -> dict:
+    """AUROC, AUPRC, and sensitivity/specificity at a threshold (labels >= 0.5 positive)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    ok = ~(np.isnan(y) | np.isnan(p))
+    y, p = (y[ok] >= 0.5).astype(int), p[ok]
+    out = {"n": int(y.size), "n_pos": int(y.sum())}
+    if 0 < y.sum() < y.size:
+        out["auroc"] = round(float(roc_auc_score(y, p)), 4)
+        out["auprc"] = round(float(average_precision_score(y, p)), 4)
+    if threshold is not None and y.size:
+        pred = p >= threshold
+        if y.sum():
+            out["sensitivity"] = round(float(pred[y == 1].mean()), 4)
+        if (y == 0).sum():
+            out["specificity"] = round(float((~pred[y == 0]).mean()), 4)
+        out["threshold"] = threshold
+    return out
+
+
+def operating_point(y: np.ndarray, p: np.ndarray, min_sensitivity: float = 0.9) -> float:
+    """The highest threshold whose sensitivity is at least `min_sensitivity`."""
+    ok = ~(np.isnan(y) | np.isnan(p))
+    pos = np.sort(p[ok][y[ok] >= 0.5])
+    if not pos.size:
+        return 0.5
+    k = int(np.floor((1.0 - min_sensitivity) * pos.size))
+    return round(float(pos[min(k, pos.size - 1)]), 4)
+
+
+def calibration(y: np.ndarray, p: np.ndarray, bins: int = 5) -> dict:
+    """Brier score and mean predicted vs observed rate in equal-width bins."""
+    ok = ~(np.isnan(y) | np.isnan(p))
+    y, p = (y[ok] >= 0.5).astype(float), p[ok]
+    edges = np.linspace(0, 1, bins + 1)
+    table = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        m = (p >= lo) & ((p < hi) if hi < 1 else (p <= hi))
+        if m.any():
+            table.append(
+                [
+                    round(lo, 2),
+                    round(hi, 2),
+                    int(m.sum()),
+                    round(float(p[m].mean()), 3),
+                    round(float(y[m].mean()), 3),
+                ]
+            )
+    return {"brier": round(float(np.mean((p - y) ** 2)), 4), "bins": table}
+
+
+def _group_folds(keys: list[str], folds: int, seed: int) -> np.ndarray:
+    """Fold of each row, by a seeded hash of its record (all segments in one fold)."""
+    return np.array([_priority(seed, "fold|" + k, 0, 0) % folds for k in keys])
+
+
+def report(pairs, sources, preds: dict, baseline: np.ndarray, threshold: float | None) -> dict:
+    """Metrics per source and head, with the RR baseline beside p_af."""
+    out: dict = {}
+    src = np.array(sources)
+    for name in sorted(set(sources)) + ["all"]:
+        m = np.ones(len(pairs), bool) if name == "all" else src == name
+        entry = {}
+        for h, p in preds.items():
+            y = np.array([pr[1].get(h, np.nan) for pr in pairs], dtype=np.float64)[m]
+            if np.isnan(y).all():
+                continue
+            met = binary_metrics(y, p[m], threshold if h == "p_af" else None)
+            if "auroc" in met or met["n_pos"]:
+                entry[h] = met
+        y_af = np.array([pr[1].get("p_af", np.nan) for pr in pairs], dtype=np.float64)[m]
+        if not np.isnan(y_af).all():
+            entry["rr_baseline_af"] = binary_metrics(y_af, baseline[m])
+        out[name] = entry
+    return out
+
+
+def evaluate_main(argv: list[str]) -> int:
+    """Cross-validate (--init: fine-tune per fold) or score a trained --model on labels."""
+    import copy
+
+    from ecgtok.models.model import HEADS, load_model
+
+    ap = argparse.ArgumentParser(prog="ecgtok evaluate")
+    ap.add_argument("--tokens", nargs="+", required=True)
+    ap.add_argument("--labels", required=True)
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--init", help="pretrained model: fine-tune and test fold by fold")
+    g.add_argument("--model", help="trained model: score the labelled rows")
+    ap.add_argument("--split", default=None, help="use only label rows of this split")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threshold", type=float, default=None, help="p_af operating point")
+    ap.add_argument("--predictions", default=None, help="write per-row predictions CSV here")
+    args = ap.parse_args(argv)
+    rows = load_token_rows(args.tokens)
+    labels = read_labels(args.labels, HEADS, args.split)
+    srcs = read_label_sources(args.labels)
+    pairs = labelled(rows, labels)
+    sources = [
+        srcs.get((r["record_id"], int(r["start_sample"])), srcs.get((r["record_id"], None), ""))
+        for r, _ in pairs
+    ]
+    preds = {h: np.full(len(pairs), np.nan) for h in HEADS}
+    base_model, config = load_model(args.init or args.model)
+    check_rows_tokenizer([r for r, _ in pairs], config["tokenizer_id"])
+    fold = np.zeros(len(pairs), dtype=int)
+    if args.model:
+        out = predict(base_model, [r for r, _ in pairs])
+        for h in HEADS:
+            preds[h] = out[h]
+    else:
+        fold = _group_folds(
+            [f"{s}/{r['record_id']}" for (r, _), s in zip(pairs, sources, strict=True)],
+            args.folds,
+            args.seed,
+        )
+        for k in range(args.folds):
+            train = [pairs[i] for i in np.flatnonzero(fold != k)]
+            test = np.flatnonzero(fold == k)
+            model = finetune(
+                copy.deepcopy(base_model),
+                train,
+                HEADS,
+                args.epochs,
+                args.seed,
+                log=_err,
+                lr=args.lr,
+            )
+            out = predict(model, [pairs[i][0] for i in test])
+            for h in HEADS:
+                preds[h][test] = out[h]
+            _err(f"fold {k + 1}/{args.folds} done ({len(train)} train rows, {len(test)} test rows)")
+    baseline = np.array([rr_baseline(r) for r, _ in pairs])
+    y_af = np.array([y.get("p_af", np.nan) for _, y in pairs])
+    threshold = (
+        args.threshold if args.threshold is not None else operating_point(y_af, preds["p_af"])
+    )
+    result = {
+        "model_id": config["model_id"],
+        "mode": "cross-validation" if args.init else "trained model",
+        "folds": args.folds if args.init else None,
+        "split": args.split,
+        "p_af_threshold": threshold,
+        "metrics": report(pairs, sources, preds, baseline, threshold),
+        "p_af_calibration": calibration(y_af, preds["p_af"]),
+    }
+    if args.predictions:
+        import csv
+
+        with open(args.predictions, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(
+                [
+                    "record_id",
+                    "start_sample",
+                    "source",
+                    "fold",
+                    *HEADS,
+                    "rr_baseline",
+                    *[f"y_{h}" for h in HEADS],
+                ]
+            )
+            for i, ((r, y), s) in enumerate(zip(pairs, sources, strict=True)):
+                w.writerow(
+                    [
+                        r["record_id"],
+                        r["start_sample"],
+                        s,
+                        fold[i],
+                        *[round(float(preds[h][i]), 5) for h in HEADS],
+                        round(baseline[i], 5),
+                        *[y.get(h, "") for h in HEADS],
+                    ]
+                )
+    print(json.dumps(result))
     return 0
 
 
@@ -290,6 +821,15 @@ def _err(msg: str) -> None:
 def main(command: str, argv: list[str]) -> int:
     return {
         "fit-tokenizer": fit_tokenizer_main,
+        "fidelity": fidelity_main,
         "pretrain": pretrain_main,
         "finetune": finetune_main,
+        "evaluate": evaluate_main,
     }[command](argv)
+
+
+if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("NO_GCE_CHECK", "true")
+    sys.exit(main(sys.argv[1], sys.argv[2:]))

@@ -8,7 +8,9 @@
     ecgtok fit-tokenizer --input SRC --output DIR [--vocab-size K]
     ecgtok pretrain / finetune  (see `ecgtok pretrain --help`)
 
-User mistakes print one line on stderr and exit 2; a failed job exits 1.
+User mistakes print one line on stderr and exit non-zero: 2 a bad option or value, 3 an
+unreadable --input, 4 an unusable --output, 5 an archive with no records, 6 a bad or
+tampered artifact. A job that fails exits 1. `--debug` shows tracebacks.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import os
 import sys
 
 USAGE = __doc__.split("\n\n")[1]
+# Distinct exit codes, so a scheduler can tell a user mistake from a failed job.
+EXIT_FAILED, EXIT_USAGE, EXIT_INPUT, EXIT_OUTPUT, EXIT_EMPTY, EXIT_ARTIFACT = 1, 2, 3, 4, 5, 6
 JOB_COMMANDS = ("run", "tokenize", "score")
 
 
@@ -60,13 +64,21 @@ def _run_job(command: str, argv: list[str]) -> int:
 
     try:
         outcome = run_job(argv, command)
-    except (UsageError, SourceError, OutputError, ArtifactError) as exc:
-        return _fail(str(exc))
+    except UsageError as exc:
+        return _fail(str(exc), EXIT_USAGE)
+    except SourceError as exc:
+        return _fail(str(exc), EXIT_INPUT)
+    except OutputError as exc:
+        return _fail(str(exc), EXIT_OUTPUT)
+    except ArtifactError as exc:
+        return _fail(str(exc), EXIT_ARTIFACT)
     summary = outcome.summary
     if summary.get("dry_run"):
         print(f"dry run: the {summary['runner']} job was built; nothing was run or written")
         return 0
     print_summary(summary)
+    if command != "score" and summary.get("discovered") == 0:
+        return _fail(f"no records found in --input {summary.get('input')}", EXIT_EMPTY)
     print(f"outputs in {summary.get('output', '')}".strip(), file=sys.stderr)
     return 0
 

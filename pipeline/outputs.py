@@ -45,7 +45,29 @@ def check_output(dst: str, overwrite: bool) -> None:
     if _entries(dst) and not overwrite:
         raise OutputError(f"--output {dst} is not empty; pass --overwrite to replace its outputs")
     if "://" not in dst:
-        os.makedirs(dst, exist_ok=True)
+        try:
+            os.makedirs(dst, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"--output {dst} cannot be created: {exc.strerror}") from exc
+        if not os.access(dst, os.W_OK | os.X_OK):
+            raise OutputError(f"--output {dst} is not writable")
+
+
+def check_not_input(dst: str, src: str) -> None:
+    """Refuse an --output whose replacement could delete or shadow the --input."""
+    if "://" in dst or "://" in src:
+        same = dst.rstrip("/") == src.rstrip("/")
+        inside = any(src.startswith(join(dst, name)) for name in OUTPUT_FOLDERS)
+    else:
+        real_dst, real_src = os.path.realpath(dst), os.path.realpath(src)
+        same = real_dst == real_src
+        inside = any(
+            os.path.commonpath([real_src, os.path.join(real_dst, name)])
+            == os.path.join(real_dst, name)
+            for name in OUTPUT_FOLDERS
+        )
+    if same or inside:
+        raise OutputError(f"--output {dst} would overwrite the --input {src}")
 
 
 def staging_dir(dst: str, run_id: str) -> str:

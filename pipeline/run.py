@@ -210,6 +210,7 @@ def run_job(argv: list[str], mode: str = RUN, test_pipeline=None) -> JobOutcome:
     if dry:
         return _dry_run(options, cfg, mode)
     final_dst = cfg.output
+    outputs.check_not_input(final_dst, opts.input)
     outputs.check_output(final_dst, opts.overwrite)
     run_id = uuid.uuid4().hex[:12]
     staged = outputs.staging_dir(final_dst, run_id)

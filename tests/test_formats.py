@@ -29,7 +29,7 @@ from ecgtok.transforms.formats import (
     sniff_format,
 )
 from ecgtok.transforms.formats.deid import MAX_AGE
-from ecgtok.transforms.formats.ishne import open_ishne
+from ecgtok.transforms.formats.ishne import open_ishne, read_ishne_annotations
 from gcs_emulator import gcs  # noqa: F401  (pytest fixture)
 
 
@@ -71,6 +71,8 @@ STD12 = ["I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V
 
 def _read(folder: str, name: str, policy: DeidPolicy | None = None):
     path = fmt_path(folder, name)
+    if folder == "dicom-ecg":
+        pytest.importorskip("pydicom")
     return read_export(path, export_record_id(path, policy), policy)
 
 
@@ -585,6 +587,9 @@ def test_sniffing_and_suffixes():
     assert sniff_format(b"\0" * 128 + b"DICM", "x") == "dicom_ecg"
     assert sniff_format(b"ISHNE1.0" + b"\0" * 20, "x.ecg") == "ishne"
     assert sniff_format(b"ANN  1.0" + b"\0" * 20, "x.ann") is None
+    with open(fmt_path("scp-ecg", "ecgtoolkit_Example.scp"), "rb") as f:
+        scp = f.read()
+    assert sniff_format(scp[:4096], "renamed.ecg") == "scp_ecg"  # v2 magic, any name
     assert is_export_file("a/b/c.XML") and is_export_file("gs://b/x.dcm")
     assert not is_export_file("a/b.ann") and not is_export_file("a/b.hea")
     assert not is_export_file("x.xml", b"<?xml version='1.0'?><html>")
@@ -625,3 +630,32 @@ def test_exports_read_from_gcs(gcs):  # noqa: F811
     with pytest.raises(RecordError) as e:
         read_export(gcs.url("exports/absent.xml"), "r")
     assert e.value.error_type == "missing_file"
+
+
+def test_ishne_beats_match_its_annotation_file():
+    """The decoded Holter against its .ann: the project's R peaks sit on the N beats."""
+    from ecgtok.transforms.record_tokens import find_beats
+
+    rec = _read("ishne-holter", "ECG_P28.01.ecg")
+    samples, labels = read_ishne_annotations(fmt_path("ishne-holter", "ECG_P28.01.ann"))
+    assert len(labels) == len(samples) == 97 and labels.count("N") == 87
+    beats = np.array([s for s, lab in zip(samples, labels) if lab == "N"])
+    peaks, _ = find_beats(rec)
+    dist = np.abs(peaks[None, :] - beats[:, None]).min(axis=1) / rec.fs
+    assert (dist < 0.05).mean() >= 0.95  # within 50 ms
+    from ecgtok.transforms.formats.ishne import parse_ishne_annotations
+
+    with open(fmt_path("ishne-holter", "ECG_P28.01.ann"), "rb") as f:
+        data = f.read()
+    assert data[8:10] == b"\0\0"  # this writer leaves the header CRC unset
+    for bad, kind in [(data[:300], "truncated"), (b"ANN  2.0" + data[8:], "unknown_format")]:
+        with pytest.raises(RecordError) as e:
+            parse_ishne_annotations(bad)
+        assert e.value.error_type == kind
+    signed = bytearray(data)
+    signed[8:10] = struct.pack("<H", binascii.crc_hqx(data[10:522], 0xFFFF))
+    assert len(parse_ishne_annotations(bytes(signed))[0]) == 97
+    signed[200] ^= 1
+    with pytest.raises(RecordError) as e:
+        parse_ishne_annotations(bytes(signed))
+    assert e.value.error_type == "bad_crc"

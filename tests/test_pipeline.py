@@ -160,7 +160,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(good_archive, t
     dst = str(tmp_path / "out")
     assert run_cli(["tokenize", "--input", good_archive, "--output", dst], capsys)[0] == 0
     code, out, err = run_cli(["tokenize", "--input", good_archive, "--output", dst], capsys)
-    assert code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert code == 4 and "--overwrite" in err and len(err.strip().splitlines()) == 1
     # Rerun on a smaller archive: nothing of the first run may survive beside the second.
     shutil.rmtree(os.path.join(good_archive, "PTB_PTBXL"))
     args = ["tokenize", "--input", good_archive, "--output", dst, "--overwrite"]
@@ -171,18 +171,38 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(good_archive, t
     assert sorted(os.listdir(dst)) == ["errors", "summary.json", "tokens"]
 
 
+def test_output_that_would_overwrite_the_input_is_refused(good_archive, capsys):
+    # An archive that happens to live where an output folder would be replaced.
+    inner = os.path.join(good_archive, "tokens")
+    copy_record(os.path.join(good_archive, GOOD[0] + ".hea"), inner, "rec")
+    before = sorted(os.listdir(good_archive)) + sorted(os.listdir(inner))
+    for src in (good_archive, inner):
+        args = ["run", "--input", src, "--output", good_archive, "--overwrite"]
+        code, _, err = run_cli(args, capsys)
+        assert code == 4 and "would overwrite the --input" in err
+    assert sorted(os.listdir(good_archive)) + sorted(os.listdir(inner)) == before
+
+
 @pytest.mark.parametrize(
-    "args, needle",
+    "args, code, needle",
     [
-        (["run", "--output", "/tmp/ecgtok-never"], "--input is required"),
-        (["run", "--input", "/nonexistent/archive", "--output", "/tmp/x"], "does not exist"),
-        (["run", "--input", ".", "--output", "/tmp/x", "--no_such_option=1"], "unknown option"),
-        (["frobnicate"], "unknown command"),
+        (["run", "--output", "/tmp/ecgtok-never"], 2, "--input is required"),
+        (["run", "--input", ".", "--output", "/tmp/x", "--no_such_option=1"], 2, "unknown option"),
+        (["run", "--input", ".", "--output", "/tmp/x", "--segment_seconds=abc"], 2, "invalid"),
+        (["frobnicate"], 2, "unknown command"),
+        (["run", "--input", "/nonexistent/archive", "--output", "/tmp/x"], 3, "does not exist"),
+        (["run", "--input", "EMPTY", "--output", "/etc/hostname/out"], 4, "cannot be created"),
+        (["run", "--input", "EMPTY", "--output", "OUT"], 5, "no records found"),
+        (["run", "--input", "EMPTY", "--output", "OUT", "--tokenizer", "EMPTY"], 6, "cannot read"),
     ],
 )
-def test_cli_mistakes_give_one_line_and_exit_2(args, needle, capsys):
-    code, _, err = run_cli(args, capsys)
-    assert code == 2
+def test_cli_mistakes_give_one_line_and_a_distinct_exit_code(args, code, needle, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    args = [
+        {"EMPTY": str(tmp_path / "empty"), "OUT": str(tmp_path / "out")}.get(a, a) for a in args
+    ]
+    got, _, err = run_cli(args, capsys)
+    assert got == code
     assert needle in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 

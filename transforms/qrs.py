@@ -13,7 +13,9 @@ Design (vectorised NumPy/SciPy; the only Python loop runs over candidate peaks):
 3. **Per-lead scale and quality**, per 2 s block. A lead's scale is the running median
    of its block peaks, so its beats read ~1 whatever the gain. Its quality weight grows
    with the peak-to-floor ratio (a clean ECG returns to ~0 between beats, noise does
-   not) and is 0 where the lead is flat or looks like ventricular flutter/fibrillation.
+   not), or with the periodicity of the feature where it never returns to 0 (regular
+   wide-complex tachycardia), and is 0 where the lead is flat or looks like
+   ventricular flutter/fibrillation.
    Three relative tests demote a lead against a cleaner one (never a lone lead):
    artefacts (block peaks far above the lead's usual beat, or slow excursions far
    larger than its QRS), and noise bursts judged on 0.5 s sub-blocks.
@@ -55,7 +57,7 @@ FLOOR_PCT = 0.25  # the block floor is this percentile of the feature
 BURST_PCT = 0.25  # the sub-block floor is this percentile of the feature
 BURST_FLOOR = 0.05  # sub-block floor / beat scale above which a lead counts as noisy
 NORM_CAP = 4.0  # cap on one lead's normalised feature, so one lead cannot outvote others
-VF_BUSY = 0.01  # block floor / peak of the feature above which VF is tested for
+VF_BUSY = 0.01  # block floor / peak of the feature above which a block is 'busy'
 REFRACTORY_S = 0.20
 T_WAVE_S = 0.36
 SEARCHBACK_RR = 1.66
@@ -214,38 +216,50 @@ def _expand(v: np.ndarray, b: int, n: int) -> np.ndarray:
     return flat[:, start : start + n]
 
 
-def _vf_mask(xc: np.ndarray, fs_c: float, b: int, busy: np.ndarray) -> np.ndarray:
-    """(leads, blocks) True where a lead looks like ventricular flutter/fibrillation.
+def _busy_blocks(xc: np.ndarray, e: np.ndarray, fs_c: float, b: int, busy: np.ndarray):
+    """Judge blocks where the feature never falls back to its floor.
 
-    VF/VFL is a continuous large oscillation at 2.5-8 Hz without the flat baseline that
-    separates QRS complexes. Test on 4 s windows (two blocks) of each lead: the
-    2.5-8 Hz band holds most of the power, one narrow spectral peak dominates, and the
-    signal spends little time near its baseline. The test runs at half the canonical
-    rate (all it looks at is below 30 Hz), and only on windows where `busy` (leads,
-    blocks) says the feature never falls back to its floor: a QRS train with a flat
-    baseline between beats cannot be VF, which spares the spectra on most blocks.
+    There the peak-to-floor quality cannot tell beats from noise, and two rhythms need a
+    closer look, each on 4 s windows (two blocks) of each lead:
+
+    * **Ventricular flutter/fibrillation** (returned `vf`, (leads, blocks) bool): a
+      continuous oscillation at 3.5-8 Hz (210-480/min) without the flat baseline that
+      separates QRS complexes: the band holds most of the power, one narrow spectral
+      peak dominates, and the signal spends little time near its baseline.
+    * **Regular wide-complex rhythms** (returned `periodic`, a quality in [0, 1]):
+      ventricular tachycardia or fast bundle-branch rhythms keep the feature busy but
+      repeat; the autocorrelation of the feature at an RR lag (0.24-1.5 s) is high,
+      while noise decorrelates within ~0.1 s.
+
+    The test runs at half the canonical rate (all it looks at is below 30 Hz), only on
+    `busy` windows, which spares the spectra on clean blocks.
     """
     n_leads, n = xc.shape
     nb = busy.shape[1]
-    out = np.zeros((n_leads, nb), dtype=bool)
+    vf = np.zeros((n_leads, nb), dtype=bool)
+    periodic = np.zeros((n_leads, nb))
     if n < 2 * b or b % 2:
-        return out
+        return vf, periodic
     fs_v = fs_c / 2
-    xv = xc[:, ::2]
+    xv, ev = xc[:, ::2], e[:, ::2]
     bv = b // 2
     win = 2 * bv
-    nfft = 1 << int(np.ceil(np.log2(win)))
+    nfft = 1 << int(np.ceil(np.log2(2 * win)))  # zero padding: linear autocorrelation
     freqs = np.fft.rfftfreq(nfft, 1.0 / fs_v)
-    band = (freqs >= 2.5) & (freqs <= 8.0)
+    band = (freqs >= 3.5) & (freqs <= 8.0)
     wide = (freqs >= 0.7) & (freqs <= 30.0)
     k = max(1, int(round(0.5 / freqs[1])))
+    lag_lo, lag_hi = int(0.24 * fs_v), min(int(1.5 * fs_v), win // 2)
+    overlap = (win - np.arange(win)).astype(np.float64)  # unbiased autocorrelation
     taper = np.hanning(win).astype(np.float32)
     all_starts = np.arange(0, xv.shape[1] - win + 1, bv)
     j = all_starts // bv
     for lead in range(n_leads):
-        starts = all_starts[busy[lead, j] | busy[lead, np.minimum(j + 1, nb - 1)]]
+        pick = busy[lead, j] | busy[lead, np.minimum(j + 1, nb - 1)]
+        starts = all_starts[pick]
         if starts.size == 0:
             continue
+        blk = starts // bv
         seg = np.lib.stride_tricks.sliding_window_view(xv[lead], win)[starts]
         seg = seg - seg.mean(axis=1, keepdims=True)
         spec = np.abs(np.fft.rfft(seg * taper, nfft, axis=1)) ** 2
@@ -258,10 +272,19 @@ def _vf_mask(xc: np.ndarray, fs_c: float, b: int, busy: np.ndarray) -> np.ndarra
         q95 = int(0.95 * (win - 1))
         amp = np.partition(a, q95, axis=1)[:, q95] + _EPS
         near = (a < 0.1 * amp[:, None]).mean(axis=1)
-        blk = starts[(inband > 0.7) & (conc > 0.4) & (near < 0.12)] // bv
-        out[lead, blk] = True
-        out[lead, np.minimum(nb - 1, blk + 1)] = True
-    return out
+        is_vf = (inband > 0.7) & (conc > 0.4) & (near < 0.12)
+        # periodicity of the feature
+        es = np.lib.stride_tricks.sliding_window_view(ev[lead], win)[starts]
+        es = es - es.mean(axis=1, keepdims=True)
+        ac = np.fft.irfft(np.abs(np.fft.rfft(es, nfft, axis=1)) ** 2, nfft, axis=1)[:, :win]
+        ac = ac / overlap[None, :]
+        score = ac[:, lag_lo:lag_hi].max(axis=1) / (ac[:, 0] + _EPS)
+        per = np.clip((score - 0.4) / 0.3, 0.0, 1.0)
+        for off in (0, 1):
+            bi = np.minimum(nb - 1, blk + off)
+            vf[lead, bi[is_vf]] = True
+            np.maximum.at(periodic[lead], bi, per)
+    return vf, periodic
 
 
 # ------------------------------------------------------------------------ decision
@@ -404,7 +427,9 @@ def _detect_chunk(x: np.ndarray, fs: float) -> np.ndarray:
     d2, e = _lead_features(xc, fs_c)
     peak, floor = _block_stats(e, b, FLOOR_PCT)
     scale, q = _weights(peak, floor, _block_wander(xc, b))
-    q[_vf_mask(xc, fs_c, b, floor > VF_BUSY * peak)] = 0.0
+    vf, periodic = _busy_blocks(xc, e, fs_c, b, floor > VF_BUSY * peak)
+    q = np.maximum(q, periodic)
+    q[vf] = 0.0
     both = _expand(np.concatenate([1.0 / scale, q]), b, nc)
     inv, w = both[:n_leads], both[n_leads:]
     if n_leads > 1:

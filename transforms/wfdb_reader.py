@@ -131,8 +131,10 @@ class _Files:
         """Open a remote file, keep its reader, return its size (None when absent)."""
         try:
             f = self.open(path)
-        except Exception:
-            return None
+        except Exception as exc:
+            if _not_found(exc):
+                return None
+            raise _storage_error(exc, path) from exc
         try:
             size = f.seek(0, io.SEEK_END)
             f.seek(0)
@@ -175,17 +177,21 @@ class _Files:
     def read(self, path: str, offset: int = 0, length: int | None = None) -> bytes:
         with self._lock:
             f = self._handles.pop(path, None)
-        if f is None:
-            with self.open(path) as f:
-                f.seek(offset)
-                return f.read() if length is None else f.read(length)
         try:
+            if f is None:
+                f = self.open(path)
             f.seek(offset)
             data = f.read() if length is None else f.read(length)
-        except Exception:
+        except Exception as exc:
+            if f is not None:
+                f.close()
+            if _is_local(path) or isinstance(exc, RecordError):
+                raise
+            raise _storage_error(exc, path) from exc
+        if _is_local(path):
             f.close()
-            raise
-        self._keep(path, f)
+        else:
+            self._keep(path, f)
         return data
 
     def close(self) -> None:
@@ -193,6 +199,42 @@ class _Files:
             handles, self._handles = list(self._handles.values()), {}
         for f in handles:
             f.close()
+
+
+def _not_found(exc: BaseException) -> bool:
+    if isinstance(exc, FileNotFoundError):
+        return True
+    try:
+        from google.api_core.exceptions import NotFound
+    except ImportError:  # pragma: no cover - no GCP libraries
+        NotFound = ()  # noqa: N806
+    if NotFound and isinstance(exc, NotFound):
+        return True
+    details = getattr(exc, "exception_details", None)  # Beam's BeamIOError
+    if isinstance(details, dict) and details:
+        return all(_not_found(e) for e in details.values() if isinstance(e, BaseException))
+    return False
+
+
+def _storage_error(exc: BaseException, path: str) -> Exception:
+    """An error from the storage layer: access refused or a client error is the record's
+    (an error row); anything else (5xx, timeouts, a dropped connection) is transient,
+    raised as ConnectionError so the runner retries instead of writing an error row."""
+    try:
+        from google.api_core import exceptions as gexc
+    except ImportError:  # pragma: no cover - no GCP libraries
+        gexc = None
+    if gexc is not None:
+        if isinstance(exc, (gexc.Forbidden, gexc.Unauthorized)):
+            return RecordError(STAGE, "access_denied", f"cannot read {path}: {exc}")
+        if isinstance(exc, gexc.ClientError) and not isinstance(exc, gexc.TooManyRequests):
+            return RecordError(STAGE, "read_failed", f"cannot read {path}: {exc}")
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return exc if isinstance(exc, Exception) else ConnectionError(str(exc))
+    return ConnectionError(f"storage failure reading {path}: {type(exc).__name__}: {exc}")
+
+
+_TRANSIENT = (ConnectionError, TimeoutError)
 
 
 def _safe_member(folder: str, name: str) -> str:
@@ -658,6 +700,8 @@ def _load_header(files: _Files, path: str, where: str) -> Header:
         raise RecordError(STAGE, "bad_header", f"{where} header is {size} bytes long")
     try:
         raw = files.read(path)
+    except _TRANSIENT:
+        raise
     except OSError as exc:
         raise RecordError(STAGE, "missing_header", f"{where} header unreadable: {exc}") from exc
     return parse_header(raw, where)
@@ -813,7 +857,7 @@ class RecordReader:
             for a in range(f0, f1, slab):
                 b = min(f1, a + slab)
                 self._source.read_into(out[(a - f0) * m : (b - f0) * m], a, b, m, cols)
-        except RecordError:
+        except (RecordError, *_TRANSIENT):
             raise
         except Exception as exc:
             raise RecordError(
@@ -849,7 +893,7 @@ def open_record(path: str, record_id: str | None = None) -> RecordReader:
     """Parse and check every header, segment and signal file of a record; decode nothing."""
     try:
         return RecordReader(path, record_id)
-    except RecordError:
+    except (RecordError, *_TRANSIENT):
         raise
     except Exception as exc:
         raise RecordError(

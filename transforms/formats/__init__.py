@@ -17,6 +17,7 @@ from __future__ import annotations
 import posixpath
 import re
 
+from ecgtok.transforms.errors import RecordError
 from ecgtok.transforms.formats._common import fail
 from ecgtok.transforms.formats.deid import DeidPolicy, export_record_id, public_path
 from ecgtok.transforms.wfdb_reader import Record
@@ -113,6 +114,8 @@ def sniff_format(head: bytes, path: str = "") -> str | None:
     root = _xml_root(head) if b"<" in head[:SNIFF_BYTES] else None
     if root in XML_ROOTS:
         return XML_ROOTS[root]
+    if head[8:10] == b"\0\0" and head[16:22] == b"SCPECG":
+        return "scp_ecg"  # SCP-ECG v2+ under any name
     suffix = _suffix(path)
     if suffix == ".scp" and _looks_scp(head):
         return "scp_ecg"
@@ -207,5 +210,10 @@ def read_export(path: str, record_id: str, policy: DeidPolicy | None = None) -> 
     if _suffix(path) == ".ecg":
         from ecgtok.transforms.formats.ishne import read_ishne
 
-        return read_ishne(path, record_id, policy)
+        try:
+            return read_ishne(path, record_id, policy)
+        except RecordError as e:
+            if e.error_type != "unknown_format":
+                raise
+            # not ISHNE: some carts name SCP-ECG files .ecg; sniff the bytes
     return read_export_bytes(_open_bytes(path), path, record_id, policy)

@@ -38,8 +38,13 @@ def parse_xml(data: bytes, what: str) -> ET.Element:
     """
     if len(data) > MAX_XML_BYTES:
         raise fail("too_large", f"{what} file is larger than {MAX_XML_BYTES >> 20} MiB")
-    from defusedxml import DefusedXmlException
-    from defusedxml.ElementTree import iterparse
+    try:
+        from defusedxml import DefusedXmlException
+        from defusedxml.ElementTree import iterparse
+    except ImportError:
+        raise fail(
+            "missing_dependency", "XML exports need defusedxml (pip install defusedxml)"
+        ) from None
 
     root = None
     try:

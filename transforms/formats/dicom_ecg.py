@@ -130,8 +130,13 @@ def read_dicom(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> Re
 
 
 def _read_dicom(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> Record:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError:
+        raise fail(
+            "missing_dependency", "DICOM exports need pydicom (pip install pydicom)"
+        ) from None
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)

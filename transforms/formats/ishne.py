@@ -246,3 +246,50 @@ def read_ishne_bytes(
 ) -> Record:
     with IshneReader(path, record_id, policy, data=data) as reader:
         return reader.record()
+
+
+ANN_MAGIC = b"ANN  1.0"
+MAX_ANN_BYTES = 64 << 20
+
+
+def parse_ishne_annotations(data: bytes) -> tuple[np.ndarray, list[str]]:
+    """An ISHNE `.ann` file (ANN 1.0) -> (sample numbers int64, beat labels).
+
+    Layout: magic, header CRC, the 512-byte header of the `.ecg`, its variable block,
+    a uint32 first-annotation sample, then 4-byte annotations (label char, subtype char,
+    uint16 samples since the previous annotation).
+    """
+    if len(data) < HEADER_END + 4:
+        raise fail("truncated", "ISHNE annotations: file is shorter than its header")
+    if data[:8] != ANN_MAGIC:
+        raise fail("unknown_format", "ISHNE annotations: magic number ANN  1.0 not found")
+    var_len = _i32(data, 10)
+    start = HEADER_END + var_len
+    if not (0 <= var_len <= MAX_VAR_BLOCK) or start + 4 > len(data):
+        raise fail("bad_header", "ISHNE annotations: variable-length block size is out of range")
+    stored = int.from_bytes(data[8:10], "little")  # 0: not filled in, as some writers do
+    if stored and binascii.crc_hqx(data[10:start], 0xFFFF) != stored:
+        raise fail("bad_crc", "ISHNE annotations: header fails its CRC-CCITT check")
+    first = int.from_bytes(data[start : start + 4], "little")
+    body = data[start + 4 :]
+    body = body[: len(body) // 4 * 4]
+    rec = np.frombuffer(body, dtype=[("label", "S1"), ("sub", "S1"), ("toc", "<u2")])
+    samples = first + np.cumsum(rec["toc"].astype(np.int64))
+    labels = [b.decode("latin-1") for b in rec["label"].tolist()]
+    return samples, labels
+
+
+def read_ishne_annotations(path: str) -> tuple[np.ndarray, list[str]]:
+    """Beat annotations of an ISHNE recording (local path or Beam URL of its `.ann`)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        with FileSystems.open(
+            path, mime_type="application/octet-stream", compression_type="uncompressed"
+        ) as f:
+            data = f.read(MAX_ANN_BYTES)
+    except Exception as e:
+        raise fail(
+            "missing_file", f"ISHNE annotations cannot be opened ({type(e).__name__})"
+        ) from None
+    return parse_ishne_annotations(data)
