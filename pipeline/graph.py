@@ -36,12 +36,14 @@ class JobConfig:
     device: str = "auto"
     batch_size: int = 64
     limits: RecordLimits = field(default_factory=RecordLimits)
+    # Records listed by the launcher (chunked local runs); None: discover in the job.
+    refs: list | None = None
 
 
 def build_tokenize(p: beam.Pipeline, cfg: JobConfig):
     """discover -> read -> find beats -> tokenize -> tokens/ and errors/. Returns token rows."""
     meta = {"ecgtok_tokenizer_id": cfg.tokenizer_id}
-    refs = p | "DiscoverRecords" >> DiscoverRecords(cfg.input)
+    refs = p | "DiscoverRecords" >> DiscoverRecords(cfg.input, cfg.refs)
     result = refs | "TokenizeRecords" >> TokenizeRecords(
         cfg.tokenizer_dir, cfg.segment_s, cfg.extra_columns, cfg.limits
     )

@@ -33,8 +33,9 @@ pipeline succeeded; old token folders are deleted only after that. A killed nigh
 the previous state whole; its orphans are removed by the next night. Each date output is
 one file written atomically (temporary file + rename locally; a single object write on
 GCS) with a deterministic name, `summary.json` last, so rerunning a date replaces its
-outputs and never adds to them. Scores are rounded to 6 decimals, so batch composition
-cannot change them between runs.
+outputs and never adds to them. Records are scored one per inference call (unless
+--score_batch_size is given), so their scores do not depend on which other records
+share a padded batch, and a rerun gives the same scores bit for bit.
 """
 
 from __future__ import annotations
@@ -148,14 +149,23 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 
 def _files_under(folder: str) -> list[str]:
-    return outputs._files_under(folder)
+    """Every file below `folder` (recursively), local or remote; [] when there is none."""
+    if is_remote(folder):
+        pattern = folder.rstrip("/") + "/**"
+        return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    out = []
+    for root, _dirs, files in os.walk(folder):
+        out.extend(os.path.join(root, f) for f in files)
+    return sorted(out)
 
 
 def _delete_quietly(paths: list[str]) -> None:
     if not paths:
         return
     try:
-        outputs._delete(paths)
+        existing = [p for p in paths if FileSystems.exists(p)]
+        if existing:
+            FileSystems.delete(existing)
     except Exception as exc:  # cleaning up must never fail a night
         _LOG.warning("could not delete %d files: %s", len(paths), exc)
 
@@ -500,6 +510,14 @@ class _Finalize(beam.DoFn):
         yield finalize(_load_plan(self._plan_path))
 
 
+def _limits(plan: dict):
+    """The per-record bounds of the tokenize stage, from the same options as `ecgtok run`."""
+    from ecgtok.transforms.stages import RecordLimits
+
+    given = {k: v for k, v in plan.get("limits", {}).items() if v is not None}
+    return RecordLimits(**given)
+
+
 def build_nightly(p: beam.Pipeline, plan: dict, plan_path: str) -> None:
     from ecgtok.pipeline.graph import JobConfig
     from ecgtok.transforms import schemas
@@ -531,7 +549,9 @@ def build_nightly(p: beam.Pipeline, plan: dict, plan_path: str) -> None:
         # Token rows carry no cohort columns: they are reused across nights while the
         # cohort's columns may change, and a cohort column may share a token field's name
         # (the demo manifest's `rhythm`). Finalize joins the cohort's columns instead.
-        result = refs | "TokenizeRecords" >> TokenizeRecords(cfg.tokenizer_dir, cfg.segment_s, [])
+        result = refs | "TokenizeRecords" >> TokenizeRecords(
+            cfg.tokenizer_dir, cfg.segment_s, [], _limits(plan)
+        )
         writes.append(
             result.rows
             | "WriteTokenShards"
@@ -1000,6 +1020,18 @@ def parse_args(argv: list[str]):
     return args, date, options, opts
 
 
+def _batch_size(options, opts) -> int:
+    """Records per inference batch: 1 unless --score_batch_size is given.
+
+    Scored alone, a record's scores depend on nothing but its tokens and the model, so
+    a rerun (or a night that reuses last night's tokens) reproduces them bit for bit.
+    In a padded batch they move in the 7th digit with the batch's other records, which
+    rounding to 6 decimals does not always hide.
+    """
+    given = options.get_all_options(drop_default=True)
+    return opts.score_batch_size if "score_batch_size" in given else 1
+
+
 def prepare(argv: list[str]):
     """Parse, check and plan a night (takes the lock). Returns (plan, options)."""
     from ecgtok.models.model import load_model
@@ -1013,6 +1045,13 @@ def prepare(argv: list[str]):
     model_dir = opts.model or default_model_dir()
     tokenizer_id = Tokenizer.load(tok_dir).tokenizer_id
     _, model_config = load_model(model_dir, "cpu")
+    wanted = model_config.get("tokenizer_id")
+    if wanted and wanted != tokenizer_id:
+        raise NightlyError(
+            f"model {model_config['model_id']} reads tokens of tokenizer {wanted}, but the "
+            f"tokenizer given is {tokenizer_id}: pass the model trained on that tokenizer "
+            "(--model) with it"
+        )
     if args.alert_threshold is not None:
         thr, thr_source = float(args.alert_threshold), "--alert-threshold"
     else:
@@ -1064,7 +1103,12 @@ def prepare(argv: list[str]):
             "model_id": model_config["model_id"],
             "segment_seconds": float(opts.segment_seconds),
             "device": opts.device,
-            "batch_size": opts.score_batch_size,
+            "batch_size": _batch_size(options, opts),
+            "limits": {
+                "isolate": getattr(opts, "isolation", "process") == "process",
+                "timeout_s": getattr(opts, "record_timeout", None),
+                "memory_mb": getattr(opts, "record_memory_mb", None),
+            },
             "alert_threshold": thr,
             "alert_threshold_source": thr_source,
             "duplicates": dups,

@@ -51,6 +51,18 @@ class EcgtokOptions(PipelineOptions):
             "--score_batch_size", type=int, default=64, help="records per inference batch"
         )
         parser.add_argument(
+            "--resume",
+            default=False,
+            action="store_true",
+            help="finish a killed local run in --output, skipping its completed chunks",
+        )
+        parser.add_argument(
+            "--chunk_records",
+            type=int,
+            default=None,
+            help="local runs: records per resumable chunk (default 20000; 0 = one job)",
+        )
+        parser.add_argument(
             "--isolation",
             choices=("process", "none"),
             default="process",

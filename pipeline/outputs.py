@@ -74,7 +74,7 @@ def staging_dir(dst: str, run_id: str) -> str:
     return join(dst, STAGING, run_id)
 
 
-def _files_under(folder: str) -> list[str]:
+def files_under(folder: str) -> list[str]:
     if "://" in folder:
         return [m.path for m in FileSystems.match([folder.rstrip("/") + "/**"])[0].metadata_list]
     out = []
@@ -93,17 +93,17 @@ def promote(staged: str, dst: str, folders: tuple[str, ...] = OUTPUT_FOLDERS) ->
     """Replace DST's outputs with the staged ones (old files first removed, then moved)."""
     old = []
     for name in folders:
-        old.extend(_files_under(join(dst, name)))
+        old.extend(files_under(join(dst, name)))
     old.append(join(dst, SUMMARY))
     _delete(old)
     for name in folders:
-        src_files = [f for f in _files_under(join(staged, name)) if f.endswith(".parquet")]
+        src_files = [f for f in files_under(join(staged, name)) if f.endswith(".parquet")]
         if "://" not in dst:
             os.makedirs(join(dst, name), exist_ok=True)
         dest = [join(dst, name, posixpath.basename(f)) for f in src_files]
         if src_files:
             FileSystems.rename(src_files, dest)
-    _delete(_files_under(staged))
+    _delete(files_under(staged))
     if "://" not in dst:
         import shutil
 
@@ -111,7 +111,7 @@ def promote(staged: str, dst: str, folders: tuple[str, ...] = OUTPUT_FOLDERS) ->
 
 
 def parquet_files(folder: str) -> list[str]:
-    return sorted(f for f in _files_under(folder) if f.endswith(".parquet"))
+    return sorted(f for f in files_under(folder) if f.endswith(".parquet"))
 
 
 def read_column_table(folder: str, columns: list[str]):

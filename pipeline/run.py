@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-from ecgtok.pipeline import graph, outputs, runners
+from ecgtok.pipeline import chunks, graph, outputs, runners
 from ecgtok.pipeline.discovery import check_source, manifest_columns
 from ecgtok.pipeline.options import (
     EcgtokOptions,
@@ -203,6 +204,26 @@ def run(argv: list[str], mode: str = RUN, test_pipeline=None) -> beam.runners.ru
     return run_job(argv, mode, test_pipeline).result
 
 
+def _sum_counters(results) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for r in results:
+        for k, v in _counters(r).items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def _chunk_size(options: PipelineOptions, opts: EcgtokOptions, mode: str, test_pipeline) -> int:
+    """Records per resumable chunk; 0 runs one job (distributed runners, scoring)."""
+    if test_pipeline is not None or mode == SCORE or not is_local_default(options):
+        if opts.resume:
+            raise UsageError("--resume works for local tokenize/run jobs")
+        return 0
+    size = chunks.DEFAULT_CHUNK_RECORDS if opts.chunk_records is None else opts.chunk_records
+    if size < 0 or (opts.resume and size == 0):
+        raise UsageError("--chunk_records must be positive to resume")
+    return size
+
+
 def run_job(argv: list[str], mode: str = RUN, test_pipeline=None) -> JobOutcome:
     options, opts = _pipeline_options(argv)
     dry = runners.is_dry_run(options)
@@ -211,23 +232,44 @@ def run_job(argv: list[str], mode: str = RUN, test_pipeline=None) -> JobOutcome:
         return _dry_run(options, cfg, mode)
     final_dst = cfg.output
     outputs.check_not_input(final_dst, opts.input)
-    outputs.check_output(final_dst, opts.overwrite)
-    run_id = uuid.uuid4().hex[:12]
-    staged = outputs.staging_dir(final_dst, run_id)
-    cfg.output = staged
-    p, runner_name = _make_pipeline(options, test_pipeline)
-    _BUILDERS[mode](p, cfg)
+    chunk_records = _chunk_size(options, opts, mode, test_pipeline)
+    staged = chunks.find_resumable(final_dst) if opts.resume else None
+    outputs.check_output(final_dst, opts.overwrite or opts.resume)
+    staged = staged or outputs.staging_dir(final_dst, uuid.uuid4().hex[:12])
+    run_id = os.path.basename(staged.rstrip("/"))
+    runner_name = ""
+    extra_counts: dict = {}
+
+    def run_one(refs, out_dir: str):
+        nonlocal runner_name
+        p, runner_name = _make_pipeline(options, test_pipeline)
+        _BUILDERS[mode](p, dataclasses.replace(cfg, output=out_dir, refs=refs))
+        result = p.run()
+        result.wait_until_finish()
+        return result
+
     t0 = time.perf_counter()
-    result = p.run()
-    result.wait_until_finish()
+    if chunk_records:
+        try:
+            results, discovered, skipped = chunks.run_chunks(
+                cfg.input, staged, mode, chunk_records, opts.resume, run_one
+            )
+        except chunks.ResumeError as exc:
+            raise UsageError(str(exc)) from exc
+        chunks.gather(staged, _FOLDERS[mode])
+        counters = _sum_counters(results)
+        counters["records_discovered"] = discovered
+        extra_counts = {"chunks_resumed": skipped} if opts.resume else {}
+    else:
+        results = [run_one(None, staged)]
+        counters = _sum_counters(results)
     wall = time.perf_counter() - t0
     outputs.promote(staged, final_dst, _FOLDERS[mode])
-    cfg.output = final_dst
     summary = summarise(
         final_dst,
         mode,
         cfg,
-        _counters(result),
+        counters,
         {
             "input": cfg.input,
             "output": final_dst,
@@ -235,7 +277,8 @@ def run_job(argv: list[str], mode: str = RUN, test_pipeline=None) -> JobOutcome:
             "wall_seconds": round(wall, 3),
             "run_id": run_id,
             "cpu_count": os.cpu_count(),
+            **extra_counts,
         },
     )
     outputs.write_json(outputs.join(final_dst, outputs.SUMMARY), summary)
-    return JobOutcome(result, summary)
+    return JobOutcome(results[-1] if results else None, summary)

@@ -175,3 +175,14 @@ def test_check_source(tmp_path):
     with pytest.raises(SourceError):
         check_source(str(tmp_path / "x.txt"))
     check_source(str(tmp_path))
+
+
+def test_records_file_may_name_edf_files(tmp_path):
+    root = tmp_path / "sleep"
+    root.mkdir()
+    (root / "SC4001E0-PSG.edf").write_bytes(b"0")
+    (root / "SC4001EC-Hypnogram.edf").write_bytes(b"0")
+    (root / "RECORDS").write_text("SC4001E0-PSG.edf\n")
+    refs = list(discover(str(root)))
+    assert [r.record_id for r in refs] == ["SC4001E0-PSG"]
+    assert refs[0].source_path.endswith("SC4001E0-PSG.edf")

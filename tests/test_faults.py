@@ -105,3 +105,57 @@ def test_transient_failures_are_retried_without_duplicates_or_losses(
     assert sorted(r["record_id"] for r in scores) == GOOD
     s = summary_of(dst)
     assert s["tokenized"] == 2 and s["failed"] == 0 and s["scored"] == 2
+
+
+def _wait_for(path_glob: str, timeout_s: float) -> bool:
+    import glob
+    import time
+
+    end = time.time() + timeout_s
+    while time.time() < end:
+        if glob.glob(path_glob):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["resume", "overwrite"])
+def test_a_killed_run_is_resumed_or_rerun_into_exactly_one_complete_set(tmp_path, how, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    root = data_path("cinc2021_12lead")
+    arch = tmp_path / "archive"
+    ids = ["G12EC/E00001", "G12EC/E00002", "G12EC/E00003", "G12EC/E00004", "G12EC/E00005"]
+    for rid in ids:
+        folder, name = os.path.split(rid)
+        copy_record(os.path.join(root, rid + ".hea"), str(arch / folder), name)
+    dst = tmp_path / "out"
+    job = ["tokenize", "--input", str(arch), "--output", str(dst), "--chunk_records=2"]
+    job += ["--isolation=none"]  # resuming does not depend on it; keeps the test quick
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ecgtok.pipeline.cli", *job],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert _wait_for(str(dst / "_staging" / "*" / "chunks" / "00000" / "_DONE"), 120)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (dst / "tokens").exists(), "nothing is promoted before the run completes"
+    if how == "resume":
+        assert cli([*job, "--resume"]) == 0
+    else:
+        assert cli([*job, "--overwrite"]) == 0
+    capsys.readouterr()
+    rows = read_folder(str(dst / "tokens"))
+    assert sorted(r["record_id"] for r in rows) == ids  # each exactly once
+    s = summary_of(str(dst))
+    assert s["discovered"] == s["tokenized"] == 5
+    if how == "resume":
+        assert s["chunks_resumed"] >= 1
+    assert sorted(os.listdir(dst)) == ["errors", "summary.json", "tokens"]

@@ -180,3 +180,17 @@ def test_job_end_to_end_gs_in_gs_out(gcs):  # noqa: F811
     assert [(e["record_id"], e["stage"], e["error_type"]) for e in errors] == [
         ("bad", "read", "bad_header")
     ]
+
+
+def test_storage_failures_are_classified():
+    """Absent -> missing; refused -> error row; a storage outage -> retry (ConnectionError)."""
+    from ecgtok.transforms.wfdb_reader import _not_found, _storage_error
+    from google.api_core import exceptions as gexc
+
+    assert _not_found(gexc.NotFound("x")) and _not_found(FileNotFoundError())
+    assert not _not_found(gexc.ServiceUnavailable("x"))
+    denied = _storage_error(gexc.Forbidden("no"), "gs://b/x.hea")
+    assert isinstance(denied, RecordError) and denied.error_type == "access_denied"
+    assert isinstance(_storage_error(gexc.ServiceUnavailable("busy"), "p"), ConnectionError)
+    assert isinstance(_storage_error(gexc.RetryError("gave up", None), "p"), ConnectionError)
+    assert isinstance(_storage_error(gexc.TooManyRequests("slow"), "p"), ConnectionError)

@@ -200,8 +200,9 @@ def test_three_nights_incremental_idempotent(archive, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_broken_record_and_tokenizer_change(tmp_path, capsys):
+    from ecgtok.models.model import load_model, save_model
     from ecgtok.models.tokenizer import Tokenizer
-    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.pipeline.options import default_model_dir, default_tokenizer_dir
     from ecgtok.transforms.synth import write_demo_archive
 
     arch = str(tmp_path / "archive")
@@ -237,7 +238,13 @@ def test_broken_record_and_tokenizer_change(tmp_path, capsys):
     new_dir = str(tmp_path / "tokenizer2")
     new_id = Tokenizer(codebook, dict(tok.meta)).save(new_dir)
     assert new_id != tok.tokenizer_id
-    s2 = night(capsys, cohort, store, "2026-04-02", "--tokenizer", new_dir)
+    # The model reads one tokenizer's words: a tokenizer change comes with its model.
+    code = cli(["nightly", "--cohort", cohort, "--store", store, "--tokenizer", new_dir])
+    assert code == 2 and "pass the model trained on that tokenizer" in capsys.readouterr().err
+    model, config = load_model(default_model_dir())
+    model_dir = str(tmp_path / "model2")
+    save_model(model, dict(config, tokenizer_id=new_id), model_dir)
+    s2 = night(capsys, cohort, store, "2026-04-02", "--tokenizer", new_dir, "--model", model_dir)
     check_accounting(s2, 5)
     assert (s2["tokenized"], s2["reused"], s2["failed"], s2["scored"]) == (4, 0, 1, 4)
     assert s2["tokenizer_changed"] is True and s2["tokenizer_id"] == new_id

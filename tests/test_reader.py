@@ -351,3 +351,32 @@ def test_chunked_reading_memory_does_not_grow_with_length():
     record_bytes = reader.n_samples * reader.n_leads * 4
     assert whole < record_bytes / 20
     assert whole < 2 * short + (64 << 10)
+
+
+def _single_headers() -> list[str]:
+    return [r for r in _sample_headers() if "multi-segment" not in r or "_00" in r]
+
+
+@pytest.mark.parametrize("rel", _single_headers() or ["absent"])
+def test_header_parser_agrees_with_wfdb(rel):
+    import wfdb
+    from ecgtok.transforms.wfdb_formats import parse_header
+
+    path = _need(os.path.join(SAMPLE, rel))
+    ref = wfdb.rdheader(path[:-4])
+    with open(path, "rb") as fh:
+        ours = parse_header(fh.read(), rel)
+    assert ours.n_sig == ref.n_sig
+    assert ours.fs == pytest.approx(float(ref.fs))
+    assert ours.sig_len == ref.sig_len
+    assert ours.comments == ref.comments
+    for i, s in enumerate(ours.signals):
+        assert (s.file_name, s.fmt, s.spf) == (
+            ref.file_name[i],
+            ref.fmt[i],
+            ref.samps_per_frame[i],
+        )
+        assert s.skew == (ref.skew[i] or 0) and s.byte_offset == (ref.byte_offset[i] or 0)
+        assert s.gain == pytest.approx(ref.adc_gain[i]) and s.baseline == ref.baseline[i]
+        assert s.units == ref.units[i]
+        assert s.name == (ref.sig_name[i] or f"ch{i}")

@@ -57,6 +57,7 @@ FLOOR_PCT = 0.25  # the block floor is this percentile of the feature
 BURST_PCT = 0.25  # the sub-block floor is this percentile of the feature
 BURST_FLOOR = 0.05  # sub-block floor / beat scale above which a lead counts as noisy
 NORM_CAP = 4.0  # cap on one lead's normalised feature, so one lead cannot outvote others
+VT_REGULARITY = 0.9  # feature autocorrelation above which a flutter-like lead is VT
 VF_BUSY = 0.01  # block floor / peak of the feature above which a block is 'busy'
 REFRACTORY_S = 0.20
 T_WAVE_S = 0.36
@@ -223,9 +224,11 @@ def _busy_blocks(xc: np.ndarray, e: np.ndarray, fs_c: float, b: int, busy: np.nd
     closer look, each on 4 s windows (two blocks) of each lead:
 
     * **Ventricular flutter/fibrillation** (returned `vf`, (leads, blocks) bool): a
-      continuous oscillation at 3.5-8 Hz (210-480/min) without the flat baseline that
+      continuous oscillation at 2.5-8 Hz (150-480/min) without the flat baseline that
       separates QRS complexes: the band holds most of the power, one narrow spectral
-      peak dominates, and the signal spends little time near its baseline.
+      peak dominates, and the signal spends little time near its baseline. Monomorphic
+      ventricular tachycardia under 240/min can look the same in all three; it is told
+      apart by its strict regularity (feature autocorrelation >= VT_REGULARITY).
     * **Regular wide-complex rhythms** (returned `periodic`, a quality in [0, 1]):
       ventricular tachycardia or fast bundle-branch rhythms keep the feature busy but
       repeat; the autocorrelation of the feature at an RR lag (0.24-1.5 s) is high,
@@ -246,7 +249,7 @@ def _busy_blocks(xc: np.ndarray, e: np.ndarray, fs_c: float, b: int, busy: np.nd
     win = 2 * bv
     nfft = 1 << int(np.ceil(np.log2(2 * win)))  # zero padding: linear autocorrelation
     freqs = np.fft.rfftfreq(nfft, 1.0 / fs_v)
-    band = (freqs >= 3.5) & (freqs <= 8.0)
+    band = (freqs >= 2.5) & (freqs <= 8.0)
     wide = (freqs >= 0.7) & (freqs <= 30.0)
     k = max(1, int(round(0.5 / freqs[1])))
     lag_lo, lag_hi = int(0.24 * fs_v), min(int(1.5 * fs_v), win // 2)
@@ -272,14 +275,17 @@ def _busy_blocks(xc: np.ndarray, e: np.ndarray, fs_c: float, b: int, busy: np.nd
         q95 = int(0.95 * (win - 1))
         amp = np.partition(a, q95, axis=1)[:, q95] + _EPS
         near = (a < 0.1 * amp[:, None]).mean(axis=1)
-        is_vf = (inband > 0.7) & (conc > 0.4) & (near < 0.12)
         # periodicity of the feature
         es = np.lib.stride_tricks.sliding_window_view(ev[lead], win)[starts]
         es = es - es.mean(axis=1, keepdims=True)
         ac = np.fft.irfft(np.abs(np.fft.rfft(es, nfft, axis=1)) ** 2, nfft, axis=1)[:, :win]
         ac = ac / overlap[None, :]
         score = ac[:, lag_lo:lag_hi].max(axis=1) / (ac[:, 0] + _EPS)
-        per = np.clip((score - 0.4) / 0.3, 0.0, 1.0)
+        per = np.clip((score - 0.7) / 0.25, 0.0, 1.0)
+        # a monomorphic VT looks like flutter in the spectrum but repeats exactly
+        # (flutter proper, at 240/min and faster, stays flutter however regular)
+        vt = (score >= VT_REGULARITY) & (freqs[ipk] < 4.0)
+        is_vf = (inband > 0.7) & (conc > 0.4) & (near < 0.2) & ~vt
         for off in (0, 1):
             bi = np.minimum(nb - 1, blk + off)
             vf[lead, bi[is_vf]] = True
@@ -428,7 +434,10 @@ def _detect_chunk(x: np.ndarray, fs: float) -> np.ndarray:
     peak, floor = _block_stats(e, b, FLOOR_PCT)
     scale, q = _weights(peak, floor, _block_wander(xc, b))
     vf, periodic = _busy_blocks(xc, e, fs_c, b, floor > VF_BUSY * peak)
-    q = np.maximum(q, periodic)
+    # periodicity only rescues blocks that no lead can serve by its floor: where a lead
+    # is clean, a noisy but rhythmic lead must not gain weight
+    rescue = q.max(axis=0, keepdims=True) < 0.3
+    q = np.where(rescue, np.maximum(q, periodic), q)
     q[vf] = 0.0
     both = _expand(np.concatenate([1.0 / scale, q]), b, nc)
     inv, w = both[:n_leads], both[n_leads:]

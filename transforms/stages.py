@@ -40,9 +40,10 @@ def error_row(ref: RecordRef, stage: str, error_type: str, message: str) -> dict
 class DiscoverRecords(beam.PTransform):
     """SRC -> RecordRef for every record, spread over workers."""
 
-    def __init__(self, src: str) -> None:
+    def __init__(self, src: str, refs: list[RecordRef] | None = None) -> None:
         super().__init__()
         self._src = src
+        self._refs = refs
 
     def expand(self, pbegin):
         counter = Metrics.counter(NAMESPACE, "records_discovered")
@@ -51,13 +52,15 @@ class DiscoverRecords(beam.PTransform):
             counter.inc()
             return ref
 
-        return (
-            pbegin
-            | "Source" >> beam.Create([self._src])
-            | "ListRecords" >> beam.FlatMap(discover)
-            | "Count" >> beam.Map(count)
-            | "Spread" >> beam.Reshuffle()
-        )
+        if self._refs is not None:  # already listed by the launcher (a chunk of a long run)
+            found = pbegin | "Records" >> beam.Create(self._refs)
+        else:
+            found = (
+                pbegin
+                | "Source" >> beam.Create([self._src])
+                | "ListRecords" >> beam.FlatMap(discover)
+            )
+        return found | "Count" >> beam.Map(count) | "Spread" >> beam.Reshuffle()
 
 
 class _TokenizeRecordFn(beam.DoFn):

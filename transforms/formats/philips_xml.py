@@ -10,7 +10,7 @@ value standing in for d[1]). Then leads III, aVR, aVL and aVF, stored as residua
 reconstructed from I and II.
 
 The LZW loop runs once per code in Python (bytes objects, no per-byte work) and the
-delta decoding is two NumPy cumulative sums, about 20x faster than `sierraecg`, whose
+delta decoding is two NumPy cumulative sums, over 10x faster than `sierraecg`, whose
 output the tests check this against bit for bit.
 """
 
