@@ -40,6 +40,9 @@ setup(
         "pandas>=2.0",
         "safetensors>=0.4",
         "scikit-learn>=1.3",
+        # Hospital exports: DICOM waveforms, and XML parsed without entity expansion.
+        "pydicom>=3.0,<4",
+        "defusedxml>=0.7.1,<1",
     ],
     extras_require={
         "dev": [
@@ -49,6 +52,7 @@ setup(
             "matplotlib>=3.7",
             "neurokit2>=0.2.10",
             "gcp-storage-emulator>=2024.8.3",
+            "sierraecg>=0.4,<0.5",
         ],
     },
     entry_points={"console_scripts": ["ecgtok=ecgtok.pipeline.cli:main"]},

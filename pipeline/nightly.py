@@ -19,6 +19,10 @@ The store (local folder or gs:// prefix):
     _lock.json                    held while a night runs
     _staging/<run id>/            a night's scratch space (plan, staged outputs)
 
+Exit codes: 0 done; 1 the job failed; 2 a bad option or value; 3 an unusable cohort;
+4 an unusable store; 5 an empty cohort; 6 a bad artifact; 75 another night holds the
+store's lock (try again later).
+
 A night: take the lock; fingerprint every cohort record (size plus SHA-256 of its header
 and signal bytes, read through Beam's FileSystems); tokenize the records that are new,
 changed, failed before, or all of them when the tokenizer (or segment length) changed;
@@ -108,8 +112,19 @@ class NightlyError(ValueError):
     """A mistake in how the night was asked for, or a held lock: one line, exit code 2."""
 
 
+class CohortError(NightlyError):
+    """The cohort CSV cannot be used (exit code 3, like an unreadable --input)."""
+
+
+class EmptyCohort(NightlyError):
+    """The cohort lists no records (exit code 5, like an empty archive)."""
+
+
 class LockHeld(NightlyError):
-    """Another night holds the store's lock."""
+    """Another night holds the store's lock (exit code 75, EX_TEMPFAIL: try again later)."""
+
+
+EXIT_LOCKED = 75
 
 
 # ---- small file helpers (local paths and gs:// alike) -----------------------------------
@@ -377,22 +392,24 @@ def read_cohort(cohort: str) -> tuple[list[RecordRef], list[str], int]:
     from ecgtok.pipeline.discovery import discover, manifest_columns
 
     if not cohort.lower().endswith(".csv"):
-        raise NightlyError(f"--cohort {cohort} is not a .csv file")
+        raise CohortError(f"--cohort {cohort} is not a .csv file")
     if not _exists(cohort):
-        raise NightlyError(f"--cohort {cohort} does not exist")
+        raise CohortError(f"--cohort {cohort} does not exist")
     columns = manifest_columns(cohort)
     if "patient_id" not in columns:
-        raise NightlyError(f"--cohort {cohort} has no 'patient_id' column")
+        raise CohortError(f"--cohort {cohort} has no 'patient_id' column")
     from ecgtok.transforms.schemas import SCORE_FIELDS
 
     taken = {f.name for f in AGG_FIELDS} | {f.name for f in SCORE_FIELDS}
     clash = [c for c in columns if c in taken]
     if clash:
-        raise NightlyError(f"--cohort {cohort}: column {clash[0]!r} clashes with an output column")
+        raise CohortError(f"--cohort {cohort}: column {clash[0]!r} clashes with an output column")
     try:
         refs = list(discover(cohort))
     except SourceError as exc:
-        raise NightlyError(str(exc)) from exc
+        raise CohortError(str(exc)) from exc
+    if not refs:
+        raise EmptyCohort(f"--cohort {cohort} lists no records")
     seen, out = set(), []
     for r in refs:
         if r.record_id in seen:
@@ -1174,11 +1191,21 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         _parser().print_help()
         return 0
+    from ecgtok.pipeline import cli
+
+    codes = [
+        (LockHeld, EXIT_LOCKED),
+        (EmptyCohort, cli.EXIT_EMPTY),
+        ((CohortError, SourceError), cli.EXIT_INPUT),
+        (OutputError, cli.EXIT_OUTPUT),
+        (ArtifactError, cli.EXIT_ARTIFACT),
+        ((NightlyError, UsageError), cli.EXIT_USAGE),
+    ]
     try:
         summary = run_nightly(argv)
     except (NightlyError, UsageError, SourceError, OutputError, ArtifactError) as exc:
         print(f"ecgtok: error: {exc}", file=sys.stderr)
-        return 2
+        return next(code for kind, code in codes if isinstance(exc, kind))
     print_summary(summary)
     report = outputs.join(summary["store"], "reports", f"date={summary['date']}", "index.html")
     print(f"report: {report}", file=sys.stderr)

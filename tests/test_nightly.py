@@ -363,7 +363,11 @@ def test_cli_refuses_a_second_concurrent_run(archive, tmp_path, capsys):
     cohort = os.path.join(archive, "manifest.csv")
     code = cli(["nightly", "--cohort", cohort, "--store", store, "--date", "2026-01-01"])
     _, err = capsys.readouterr()
-    assert code == 2 and "locked by another nightly run" in err and "--break-lock" in err
+    assert (
+        code == nightly.EXIT_LOCKED
+        and "locked by another nightly run" in err
+        and "--break-lock" in err
+    )
     assert not os.path.exists(os.path.join(store, "state"))
 
 
@@ -389,7 +393,16 @@ def test_cohort_needs_patient_id(tmp_path, capsys):
     cohort.write_text("path,site\na.hea,x\n")
     code = cli(["nightly", "--cohort", str(cohort), "--store", str(tmp_path / "s")])
     _, err = capsys.readouterr()
-    assert code == 2 and "patient_id" in err
+    assert code == 3 and "patient_id" in err
+
+
+def test_empty_and_missing_cohort(tmp_path, capsys):
+    cohort = tmp_path / "c.csv"
+    cohort.write_text("path,patient_id\n")
+    assert cli(["nightly", "--cohort", str(cohort), "--store", str(tmp_path / "s")]) == 5
+    missing = str(tmp_path / "nope.csv")
+    assert cli(["nightly", "--cohort", missing, "--store", str(tmp_path / "s")]) == 3
+    capsys.readouterr()
 
 
 def test_report_escapes_and_draws():

@@ -43,6 +43,7 @@ def _meta_columns(record: Record) -> dict:
         "age": meta.get("age"),
         "sex": meta.get("sex"),
         "dx": [str(c) for c in meta.get("dx", [])],
+        "patient_key": meta.get("patient_key"),
     }
 
 
@@ -93,6 +94,17 @@ def token_rows(
     return rows
 
 
+def read_any(source_path: str, record_id: str) -> Record:
+    """A WFDB record, or a hospital export (MUSE, aECG, Philips, DICOM, SCP, ISHNE)."""
+    from ecgtok.transforms.formats import is_export_file, read_export
+    from ecgtok.transforms.formats.deid import DeidPolicy
+
+    if is_export_file(source_path):
+        # The pseudonym key reaches workers through the environment, never the graph.
+        return read_export(source_path, record_id, DeidPolicy.from_env())
+    return read_record(source_path, record_id)
+
+
 def tokenize_record(
     source_path: str,
     record_id: str,
@@ -102,7 +114,7 @@ def tokenize_record(
 ) -> list[dict]:
     """Read, find beats and tokenize one record. Raises RecordError naming the stage."""
     try:
-        record = read_record(source_path, record_id)
+        record = read_any(source_path, record_id)
     except (RecordError, *TRANSIENT_ERRORS):
         raise
     except Exception as exc:

@@ -28,6 +28,8 @@ TOKEN_FIELDS = [
     pa.field("age", pa.float64()),
     pa.field("sex", pa.string()),
     pa.field("dx", pa.list_(pa.string())),
+    # Keyed pseudonym of the patient (hospital exports with a site key); never an MRN.
+    pa.field("patient_key", pa.string()),
 ]
 
 SCORE_FIELDS = [
