@@ -73,6 +73,9 @@ def _run_job(command: str, argv: list[str]) -> int:
     except ArtifactError as exc:
         return _fail(str(exc), EXIT_ARTIFACT)
     summary = outcome.summary
+    if summary.get("template_location"):
+        print(f"template staged at {summary['template_location']}; nothing was run")
+        return 0
     if summary.get("dry_run"):
         print(f"dry run: the {summary['runner']} job was built; nothing was run or written")
         return 0

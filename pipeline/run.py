@@ -192,11 +192,14 @@ _FOLDERS = {TOKENIZE: ("tokens", "errors"), SCORE: ("scores",), RUN: outputs.OUT
 
 
 def _dry_run(options: PipelineOptions, cfg: graph.JobConfig, mode: str) -> JobOutcome:
-    """Build (and let a runner such as Dataflow translate) the job; write nothing."""
+    """Build (and let a runner such as Dataflow translate or stage) the job; run nothing."""
     p, runner_name = _make_pipeline(options, None)
     _BUILDERS[mode](p, cfg)
     result = p.run()
-    return JobOutcome(result, {"mode": mode, "dry_run": True, "runner": runner_name})
+    summary = {"mode": mode, "dry_run": True, "runner": runner_name}
+    if runners.template_location(options):
+        summary["template_location"] = runners.template_location(options)
+    return JobOutcome(result, summary)
 
 
 def run(argv: list[str], mode: str = RUN, test_pipeline=None) -> beam.runners.runner.PipelineResult:
@@ -226,7 +229,7 @@ def _chunk_size(options: PipelineOptions, opts: EcgtokOptions, mode: str, test_p
 
 def run_job(argv: list[str], mode: str = RUN, test_pipeline=None) -> JobOutcome:
     options, opts = _pipeline_options(argv)
-    dry = runners.is_dry_run(options)
+    dry = runners.builds_only(options)
     cfg = _resolve(opts, mode, check_paths=not dry)
     if dry:
         return _dry_run(options, cfg, mode)

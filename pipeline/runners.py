@@ -38,6 +38,16 @@ def is_dry_run(options: PipelineOptions) -> bool:
     return str(options.view_as(TestOptions).dry_run).lower() in _TRUE
 
 
+def template_location(options: PipelineOptions) -> str | None:
+    """Where a classic Dataflow template is staged instead of running the job."""
+    return options.get_all_options().get("template_location")
+
+
+def builds_only(options: PipelineOptions) -> bool:
+    """The job is built (and staged) but not run: a dry run or a template."""
+    return is_dry_run(options) or bool(template_location(options))
+
+
 def _runner_name(options: PipelineOptions) -> str:
     runner = options.view_as(StandardOptions).runner or ""
     return runner if isinstance(runner, str) else type(runner).__name__

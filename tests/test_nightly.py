@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from ecgtok.pipeline import nightly
 from ecgtok.pipeline.cli import main as cli
+from gcs_emulator import gcs  # noqa: F401  (pytest fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(REPO, "deploy")
@@ -495,3 +496,84 @@ def test_flex_template_image_and_cron_and_systemd():
         assert "OnCalendar=" in f.read()
     with open(os.path.join(DEPLOY, "systemd", "ecgtok-nightly.service")) as f:
         assert re.search(r"^ExecStart=.*ecgtok nightly --cohort", f.read(), re.M)
+
+
+# ---- gs:// (a local Cloud Storage emulator) ----------------------------------------------
+@pytest.mark.slow
+def test_nightly_on_gcs(tmp_path, capsys, gcs):  # noqa: F811
+    from apache_beam.io.filesystems import FileSystems
+    from ecgtok.transforms.synth import write_demo_archive
+
+    arch = str(tmp_path / "archive")
+    write_demo_archive(arch, n_records=3, seed=6)
+    write_cohort(os.path.join(arch, "cohort.csv"), manifest_rows(arch))
+    url = gcs.upload_tree(arch, "nightly/arch")
+    cohort, store = f"{url}/cohort.csv", gcs.url("nightly/store")
+
+    def gs_night(date: str) -> dict:
+        code = cli(["nightly", "--cohort", cohort, "--store", store, "--date", date])
+        _, err = capsys.readouterr()
+        assert code == 0, err
+        with FileSystems.open(f"{store}/reports/date={date}/summary.json") as f:
+            return json.load(f)
+
+    s1 = gs_night("2026-05-01")
+    assert (s1["cohort_records"], s1["tokenized"], s1["scored"]) == (3, 3, 3)
+    s2 = gs_night("2026-05-02")
+    assert (s2["tokenized"], s2["reused"], s2["scored"]) == (0, 3, 3)
+    listed = [m.path for m in FileSystems.match([f"{store}/scores/date=*/*"])[0].metadata_list]
+    assert sorted(p.rsplit("/", 2)[1] for p in listed) == ["date=2026-05-01", "date=2026-05-02"]
+    assert not FileSystems.exists(f"{store}/{nightly.LOCK_FILE}")
+
+
+class _FakeBlob:
+    """One GCS object with generation preconditions, as Cloud Storage enforces them (the
+    emulator ignores them)."""
+
+    store: dict = {}
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @property
+    def generation(self):
+        return self.store.get(self.path, (None, None))[1]
+
+    def upload_from_string(self, data, if_generation_match=None):
+        from google.api_core.exceptions import PreconditionFailed
+
+        if if_generation_match == 0 and self.path in self.store:
+            raise PreconditionFailed("exists")
+        self.store[self.path] = (data, (self.generation or 0) + 1)
+
+    def reload(self):
+        from google.api_core.exceptions import NotFound
+
+        if self.path not in self.store:
+            raise NotFound("gone")
+
+    def download_as_bytes(self):
+        return self.store[self.path][0]
+
+    def delete(self, if_generation_match=None):
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        if self.path not in self.store:
+            raise NotFound("gone")
+        if if_generation_match is not None and if_generation_match != self.generation:
+            raise PreconditionFailed("changed")
+        del self.store[self.path]
+
+
+def test_gcs_lock_is_an_exclusive_object(monkeypatch):
+    monkeypatch.setattr(nightly, "_gcs_blob", _FakeBlob)
+    monkeypatch.setattr(nightly, "_read_bytes", lambda p: _FakeBlob.store[p][0])
+    store = "gs://bucket/store"
+    nightly.acquire_lock(store, "a", "2026-05-03", False, 12.0)
+    with pytest.raises(nightly.LockHeld, match="run a"):
+        nightly.acquire_lock(store, "b", "2026-05-03", False, 12.0)
+    nightly.acquire_lock(store, "c", "2026-05-03", False, -1.0)  # older than the TTL
+    assert json.loads(_FakeBlob.store[f"{store}/_lock.json"][0])["run_id"] == "c"
+    assert not nightly.release_lock(store, "a")
+    assert nightly.release_lock(store, "c")
+    assert f"{store}/_lock.json" not in _FakeBlob.store

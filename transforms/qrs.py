@@ -455,6 +455,15 @@ def _detect_chunk(x: np.ndarray, fs: float) -> np.ndarray:
     return _refine(x, fs, xc, fs_c, beats_c, contrib)
 
 
+def _leads_first(x: np.ndarray) -> np.ndarray:
+    """(samples, leads) -> contiguous float32 (leads, samples); non-finite -> 0 (flat)."""
+    xt = np.ascontiguousarray(x.T, dtype=np.float32)
+    bad = ~np.isfinite(xt)
+    if bad.any():
+        xt[bad] = 0.0
+    return xt
+
+
 def detect_r_peaks(signal: np.ndarray, fs: float) -> np.ndarray:
     """R-peak sample indices (sorted, unique, int64) at the original rate.
 
@@ -475,21 +484,17 @@ def detect_r_peaks(signal: np.ndarray, fs: float) -> np.ndarray:
     n, n_leads = x.shape
     if n == 0 or n_leads == 0:
         return np.zeros(0, dtype=np.int64)
-    xt = np.ascontiguousarray(x.T, dtype=np.float32)
-    bad = ~np.isfinite(xt)
-    if bad.any():
-        xt[bad] = 0.0
     core = int(min(CHUNK_S * fs, max(60 * fs, MAX_CHUNK_LEAD_SAMPLES // n_leads)))
     ov = int(OVERLAP_S * fs)
     if n <= core + 2 * ov:
-        return _detect_chunk(xt, fs)
+        return _detect_chunk(_leads_first(x), fs)
     n_chunks = -(-n // core)
     core = -(-n // n_chunks)  # equal chunks: no tiny last one
     out = []
     for a in range(0, n, core):
         b = min(n, a + core)
         lo, hi = max(0, a - ov), min(n, b + ov)
-        p = _detect_chunk(xt[:, lo:hi], fs) + lo
+        p = _detect_chunk(_leads_first(x[lo:hi]), fs) + lo
         out.append(p[(p >= a) & (p < b)])
     peaks = np.concatenate(out)
     if peaks.size > 1:
