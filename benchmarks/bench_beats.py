@@ -116,8 +116,7 @@ def run(records, detectors: list[str], repeat: int) -> dict:
             "per_record": per_record,
         }
         print(
-            f"  {det}: Se {100 * pooled.se:.2f}% +P {100 * pooled.ppv:.2f}% "
-            f"in {seconds:.2f} s",
+            f"  {det}: Se {100 * pooled.se:.2f}% +P {100 * pooled.ppv:.2f}% in {seconds:.2f} s",
             file=sys.stderr,
         )
     return results

@@ -754,6 +754,13 @@ def finalize(plan: dict) -> dict:
     from ecgtok.pipeline import nightly_report
 
     store, staged, date = plan["store"], plan["staging"], plan["date"]
+    summary_path = outputs.join(store, "reports", f"date={date}", "summary.json")
+    if _exists(summary_path):  # a retried final step: the night is already written
+        done = json.loads(_read_bytes(summary_path))
+        if done.get("run_id") == plan["run_id"]:
+            _clean_up(plan, {e["tokens"] for e in load_state(store)["records"].values()
+                             if e.get("tokens")})  # fmt: skip
+            return done
     thr, cols = plan["alert_threshold"], plan["columns"]
     tokens_folder = outputs.join(store, plan["tokens_folder"])
     new_ids = {r["record_id"] for r in _table_rows(tokens_folder, ["record_id"])}
@@ -772,7 +779,13 @@ def finalize(plan: dict) -> dict:
     for rid in plan["order"]:
         rec = cohort[rid]
         reason = plan["reasons"][rid]
-        if rid in plan["reused"]:
+        if rid in plan["reused"] and rid not in agg:  # its token files are gone from the store
+            err_by_id[rid] = {
+                "stage": "nightly",
+                "error_type": "TokensMissing",
+                "message": f"no token rows in {plan['reused'][rid]}; re-tokenized next night",
+            }
+        if rid in plan["reused"] and rid in agg:
             how = "reused"
             state_records[rid] = dict(prev_records[rid], source_path=rec["source_path"])
             reused += 1
@@ -915,13 +928,16 @@ def finalize(plan: dict) -> dict:
     page = nightly_report.render(summary, rows, alerts, failed_rows)
     atomic_write(outputs.join(reports, "index.html"), page.encode(), "text/html")
     atomic_write(
-        outputs.join(reports, "summary.json"),
-        json.dumps(summary, indent=2, sort_keys=True).encode(),
-        "application/json",
+        summary_path, json.dumps(summary, indent=2, sort_keys=True).encode(), "application/json"
     )
+    _clean_up(plan, {e["tokens"] for e in state_records.values() if e.get("tokens")})
+    return summary
 
-    # 3. clean up: token folders nothing refers to, scratch space, the lock
-    referenced = {e["tokens"] for e in state_records.values() if e.get("tokens")}
+
+def _clean_up(plan: dict, referenced: set[str]) -> None:
+    """Delete token folders nothing refers to, the scratch space; release the lock."""
+    store = plan["store"]
+
     orphans = [
         f
         for f in _files_under(outputs.join(store, "tokens"))
@@ -936,7 +952,6 @@ def finalize(plan: dict) -> dict:
             _remove_empty_dirs(outputs.join(store, folder))
         shutil.rmtree(outputs.join(store, STAGING), ignore_errors=True)
     release_lock(store, plan["run_id"])
-    return summary
 
 
 def _token_folder(path: str, store: str) -> str:
@@ -1146,7 +1161,6 @@ def run_nightly(argv: list[str], test_pipeline=None) -> dict:
 
     plan, options = prepare(argv)
     store, run_id = plan["store"], plan["run_id"]
-    finished = False
     try:
         p, runner_name = _make_pipeline(options, test_pipeline)
         plan["runner"] = runner_name
@@ -1155,17 +1169,41 @@ def run_nightly(argv: list[str], test_pipeline=None) -> dict:
         build_nightly(p, plan, plan_path)
         result = p.run()
         state = result.wait_until_finish()
-        finished = state in (None, PipelineState.DONE) or PipelineState.is_terminal(state)
-        if state not in (None, PipelineState.DONE):
-            raise RuntimeError(f"the nightly pipeline ended in state {state}")
     except BaseException:
-        finished = True
+        _abandon(plan)
         raise
-    finally:
-        if finished:  # a runner that returns before the job ends leaves the lock to the job
-            release_lock(store, run_id)
+    if state is not None and not PipelineState.is_terminal(state):
+        # The runner returned while the job runs on (a Flex Template launcher, say): the
+        # job's last step writes the night's outputs and releases the lock.
+        return {"date": plan["date"], "store": store, "run_id": run_id, "submitted": str(state)}
+    if state not in (None, PipelineState.DONE):
+        _abandon(plan)
+        raise RuntimeError(f"the nightly pipeline ended in state {state}")
+    release_lock(store, run_id)  # normally released by the job's last step already
     summary_path = outputs.join(store, "reports", f"date={plan['date']}", "summary.json")
     return json.loads(_read_bytes(summary_path))
+
+
+def _abandon(plan: dict) -> None:
+    """After a failed night: remove its scratch space and, unless the state already
+    refers to them, its new tokens; release the lock. The previous state stays whole."""
+    store, run_id = plan["store"], plan["run_id"]
+    try:
+        committed = load_state(store).get("run_id") == run_id
+        doomed = _files_under(plan["staging"])
+        if not committed:
+            doomed += _files_under(outputs.join(store, plan["tokens_folder"]))
+        _delete_quietly(doomed)
+        if not is_remote(store):
+            import shutil
+
+            shutil.rmtree(plan["staging"], ignore_errors=True)
+            if not committed:
+                shutil.rmtree(outputs.join(store, plan["tokens_folder"]), ignore_errors=True)
+    except Exception as exc:  # the next night removes what is left
+        _LOG.warning("could not clean up after the failed run %s: %s", run_id, exc)
+    finally:
+        release_lock(store, run_id)
 
 
 def print_summary(summary: dict, out=None) -> None:
@@ -1206,6 +1244,13 @@ def main(argv: list[str] | None = None) -> int:
     except (NightlyError, UsageError, SourceError, OutputError, ArtifactError) as exc:
         print(f"ecgtok: error: {exc}", file=sys.stderr)
         return next(code for kind, code in codes if isinstance(exc, kind))
+    if summary.get("submitted"):
+        print(
+            f"nightly {summary['date']}: job submitted ({summary['submitted']}); its last step "
+            f"writes {summary['store']}/reports/date={summary['date']}/",
+            file=sys.stderr,
+        )
+        return 0
     print_summary(summary)
     report = outputs.join(summary["store"], "reports", f"date={summary['date']}", "index.html")
     print(f"report: {report}", file=sys.stderr)

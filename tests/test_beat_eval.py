@@ -55,7 +55,32 @@ def test_negative_tolerance_is_refused():
 
 
 def test_beat_symbols_are_the_issue_list():
-    assert set("N L R B A a J S V r F e j n E / f Q ?".split()) == BEAT_SYMBOLS
+    assert (
+        set(
+            [
+                "N",
+                "L",
+                "R",
+                "B",
+                "A",
+                "a",
+                "J",
+                "S",
+                "V",
+                "r",
+                "F",
+                "e",
+                "j",
+                "n",
+                "E",
+                "/",
+                "f",
+                "Q",
+                "?",
+            ]
+        )
+        == BEAT_SYMBOLS
+    )
     for not_beat in ("+", "~", "|", "[", "]", "!", "x", '"', "T", "p", "t"):
         assert not_beat not in BEAT_SYMBOLS
     samples = [10, 20, 30, 40, 50]
@@ -141,11 +166,7 @@ def test_match_beats_agrees_with_brute_force():
         tol = int(rng.integers(0, 8))
         best = 0
         for perm in permutations(range(len(det))):
-            k = sum(
-                1
-                for i, j in zip(range(len(ref)), perm)
-                if abs(ref[i] - det[j]) <= tol
-            )
+            k = sum(1 for i, j in zip(range(len(ref)), perm) if abs(ref[i] - det[j]) <= tol)
             best = max(best, k)
         if len(det) < len(ref):  # permutations of det cover every pairing only if det >= ref
             for perm in permutations(range(len(ref))):

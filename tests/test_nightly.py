@@ -200,7 +200,7 @@ def test_three_nights_incremental_idempotent(archive, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_broken_record_and_tokenizer_change(tmp_path, capsys):
+def test_broken_record_failure_and_tokenizer_change(tmp_path, capsys, monkeypatch):
     from ecgtok.models.model import load_model, save_model
     from ecgtok.models.tokenizer import Tokenizer
     from ecgtok.pipeline.options import default_model_dir, default_tokenizer_dir
@@ -231,6 +231,25 @@ def test_broken_record_and_tokenizer_change(tmp_path, capsys):
     with open(os.path.join(store, "reports", "date=2026-04-01", "index.html")) as f:
         assert broken[:-4] in f.read()
     old_folders = token_folders(store)
+    with open(os.path.join(store, nightly.STATE_FILE)) as f:
+        state1 = f.read()
+
+    # A night that fails in its last step leaves the previous state whole and no debris.
+    def boom(*_args, **_kw):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(nightly, "aggregate", boom)
+    assert cli(["nightly", "--cohort", cohort, "--store", store, "--date", "2026-04-02"]) == 1
+    assert "simulated failure" in capsys.readouterr().err
+    monkeypatch.undo()
+    with open(os.path.join(store, nightly.STATE_FILE)) as f:
+        assert f.read() == state1
+    assert token_folders(store) == old_folders
+    assert not os.path.exists(os.path.join(store, nightly.LOCK_FILE))
+    assert not os.path.exists(os.path.join(store, "_staging", "x")) and not glob.glob(
+        os.path.join(store, "_staging", "*")
+    )
+    assert not os.path.exists(os.path.join(store, "reports", "date=2026-04-02"))
 
     # A changed tokenizer re-tokenizes everything; the broken record is retried and fails.
     tok = Tokenizer.load(default_tokenizer_dir())
@@ -257,6 +276,16 @@ def test_broken_record_and_tokenizer_change(tmp_path, capsys):
         state = json.load(f)
     ok = [e for e in state["records"].values() if e["status"] == "ok"]
     assert len(ok) == 4 and {e["tokenizer_id"] for e in ok} == {new_id}
+
+    # Token files lost from the store: those records fail tonight (the accounting holds)
+    # and are marked for re-tokenizing, instead of pointing at nothing for ever.
+    shutil.rmtree(os.path.join(store, "tokens"))
+    s3 = night(capsys, cohort, store, "2026-04-03", "--tokenizer", new_dir, "--model", model_dir)
+    check_accounting(s3, 5)
+    assert (s3["tokenized"], s3["reused"], s3["failed"], s3["scored"]) == (0, 0, 5, 0)
+    assert s3["failures"]["nightly"]["TokensMissing"] == 4
+    with open(os.path.join(store, nightly.STATE_FILE)) as f:
+        assert {e["status"] for e in json.load(f)["records"].values()} == {"failed"}
 
 
 # ---- pieces, offline ---------------------------------------------------------------------

@@ -291,3 +291,11 @@ def test_demo_builds_its_archive_and_runs(tmp_path, capsys):
         assert len(det) == len(true_peaks), rid
         if len(det):
             assert np.max(np.abs(det - true_peaks)) <= 0.05 * 500, rid
+
+
+def test_symlink_loops_in_an_archive_terminate(good_archive, tmp_path, capsys):
+    os.symlink(good_archive, os.path.join(good_archive, "G12EC", "loop"))
+    dst = str(tmp_path / "out")
+    assert run_cli(["tokenize", "--input", good_archive, "--output", dst], capsys)[0] == 0
+    rows = read_folder(os.path.join(dst, "tokens"))
+    assert sorted(r["record_id"] for r in rows) == sorted(GOOD)

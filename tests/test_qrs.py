@@ -111,7 +111,9 @@ def test_sine_flutter_gives_no_beats():
     fs = 250
     t = np.arange(20 * fs) / fs
     rng = np.random.default_rng(2)
-    x = np.sin(2 * np.pi * 4.2 * t + 0.3 * np.sin(2 * np.pi * 0.3 * t)) + rng.normal(0, 0.02, t.size)
+    x = np.sin(2 * np.pi * 4.2 * t + 0.3 * np.sin(2 * np.pi * 0.3 * t)) + rng.normal(
+        0, 0.02, t.size
+    )
     assert detect_r_peaks(x.astype(np.float32), fs).size <= 3
 
 
@@ -222,7 +224,9 @@ def test_twelve_lead_cinc_records_agree_with_neurokit2_on_lead_ii():
     import neurokit2 as nk
     from ecgtok.transforms.wfdb_reader import read_record
 
-    files = sorted(glob.glob(os.path.join(data_path("cinc2021_12lead"), "**", "*.hea"), recursive=True))
+    files = sorted(
+        glob.glob(os.path.join(data_path("cinc2021_12lead"), "**", "*.hea"), recursive=True)
+    )
     assert files
     tot = np.zeros(3, int)
     for f in files[:40]:

@@ -23,6 +23,7 @@ from concurrent.futures.process import BrokenProcessPool
 from ecgtok.transforms.errors import RecordError
 
 STAGE = "limits"
+STARTUP_TIMEOUT_S = 300.0
 _TOKENIZER = None
 
 
@@ -36,6 +37,10 @@ def _init_child(memory_mb: int, tokenizer_dir: str) -> None:
     from ecgtok.models.tokenizer import Tokenizer
 
     _TOKENIZER = Tokenizer.load(tokenizer_dir)
+
+
+def _ready() -> bool:
+    return True
 
 
 def _tokenize_in_child(source_path: str, record_id: str, segment_s: float, extra: dict):
@@ -69,6 +74,8 @@ class GuardedTokenizer:
                 initializer=_init_child,
                 initargs=(self._memory_mb, self._tokenizer_dir),
             )
+            # Start-up (imports, tokenizer) must not eat into the first record's time.
+            self._pool.submit(_ready).result(timeout=STARTUP_TIMEOUT_S)
         return self._pool
 
     def _discard_pool(self) -> None:

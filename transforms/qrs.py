@@ -39,10 +39,9 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+from ecgtok.transforms.preprocess import resample_ratio
 from scipy import signal as sps
 from scipy.ndimage import uniform_filter1d
-
-from ecgtok.transforms.preprocess import resample_ratio
 
 FS_C = 125.0  # canonical detection rate, Hz
 LAG = 2  # samples at FS_C: x[n+LAG] - x[n-LAG] peaks at FS_C / (4 * LAG) = 15.6 Hz
@@ -62,6 +61,7 @@ VF_BUSY = 0.01  # block floor / peak of the feature above which a block is 'busy
 REFRACTORY_S = 0.20
 T_WAVE_S = 0.36
 SEARCHBACK_RR = 1.66
+WEAK = 0.5  # a candidate under this (beats ~1) must be seen by most of the leads' weight
 SUPPORT_LEVEL = 0.02  # a lead "sees" a beat at this fraction of its usual beat energy
 CHUNK_S = 3600.0  # processing chunk (the core; the overlap is added both sides), s
 OVERLAP_S = 10.0
@@ -339,8 +339,9 @@ def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray
     thr = npk + 0.25 * (spk - npk)
 
     beats: list[int] = []
-    rr: list[int] = []
-    rr_avg = 1.0 * fs_c  # replaced by the first measured RR interval
+    rr8 = [0] * 8  # the last 8 RR intervals (ring), for the search-back gap
+    n_rr = 0
+    gap = SEARCHBACK_RR * 1.0 * fs_c  # until the first RR interval is measured
     last_t = -(10**9)
     last_slope = 0.0
     last_ci = -1
@@ -348,7 +349,7 @@ def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray
     i = 0
     while i <= n_cand:
         t = ts[i] if i < n_cand else n + refr + 1  # past the end: final search-back
-        if beats and t - last_t > SEARCHBACK_RR * rr_avg:
+        if beats and t - last_t > gap:
             # search-back: a gap too long for the recent rhythm hides a missed beat
             best, best_h = -1, 0.5 * thr
             for j in range(last_ci + 1, i):
@@ -359,33 +360,37 @@ def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray
                     if _supported(tj, leads, fs_c):
                         best, best_h = j, hs[j]
             if best >= 0:
-                ci, weight = best, 0.25
+                tc = ts[best]
+                rr8[n_rr % 8] = tc - last_t
+                n_rr += 1
+                gap = SEARCHBACK_RR * sum(rr8) / (n_rr if n_rr < 8 else 8)
+                beats.append(tc)
+                last_t, last_slope, last_ci = tc, sls[best], best
+                cap = 2.0 * spk if spk > 0.5 else 1.0
+                spk = 0.25 * (best_h if best_h < cap else cap) + 0.75 * spk
             else:
                 # nothing even at half threshold: the level fell, or an artefact
                 # inflated it; let it decay instead of going deaf
                 spk *= 0.8
-                thr = npk + 0.25 * (spk - npk)
-                ci = -1
-            if ci >= 0:
-                tc = ts[ci]
-                rr.append(tc - last_t)
-                rr_avg = sum(rr[-8:]) / len(rr[-8:])
-                beats.append(tc)
-                last_t, last_slope, last_ci = tc, sls[ci], ci
-                spk = weight * min(hs[ci], 2.0 * max(spk, 0.5)) + (1 - weight) * spk
-                thr = npk + 0.25 * (spk - npk)
+            thr = npk + 0.25 * (spk - npk)
         if i == n_cand:
             break
         h = hs[i]
         if t - last_t > refr:
-            if h > thr and not (t - last_t < t_wave and sls[i] < 0.5 * last_slope):
+            if (
+                h > thr
+                and not (t - last_t < t_wave and sls[i] < 0.5 * last_slope)
+                and (h >= WEAK or _supported(t, leads, fs_c))
+            ):
                 if beats:
-                    rr.append(t - last_t)
-                    rr_avg = sum(rr[-8:]) / len(rr[-8:])
+                    rr8[n_rr % 8] = t - last_t
+                    n_rr += 1
+                    gap = SEARCHBACK_RR * sum(rr8) / (n_rr if n_rr < 8 else 8)
                 beats.append(t)
                 last_t, last_slope, last_ci = t, sls[i], i
                 # features are normalised (beats ~1): an artefact must not deafen us
-                spk = 0.125 * min(h, 2.0 * max(spk, 0.5)) + 0.875 * spk
+                cap = 2.0 * spk if spk > 0.5 else 1.0
+                spk = 0.125 * (h if h < cap else cap) + 0.875 * spk
             else:  # below threshold, or a T wave
                 npk = 0.125 * h + 0.875 * npk
             thr = npk + 0.25 * (spk - npk)
@@ -400,14 +405,16 @@ def _refine(x, fs, xc, fs_c, beats_c, contrib) -> np.ndarray:
     nc = xc.shape[1]
     rows = np.arange(beats_c.size)
     best = np.argmax(contrib[:, beats_c], axis=0) if n_leads > 1 else np.zeros(beats_c.size, int)
+    flat_c, flat = xc.ravel(), x.ravel()
+    row_c, row = (best * nc)[:, None], (best * n)[:, None]
     # baseline: mean of the best lead over +-150 ms
     hb = max(1, int(round(0.15 * fs_c)))
     idx_b = np.clip(beats_c[:, None] + np.arange(-hb, hb + 1)[None, :], 0, nc - 1)
-    baseline = xc[best[:, None], idx_b].mean(axis=1)
+    baseline = flat_c[row_c + idx_b].mean(axis=1)
     # canonical rate: largest deviation from the baseline within +-60 ms
     hw = max(1, int(round(0.06 * fs_c)))
     idx = np.clip(beats_c[:, None] + np.arange(-hw, hw + 1)[None, :], 0, nc - 1)
-    seg = xc[best[:, None], idx] - baseline[:, None]
+    seg = flat_c[row_c + idx] - baseline[:, None]
     k = np.argmax(np.abs(seg), axis=1)
     pc = idx[rows, k]
     sign = np.where(seg[rows, k] < 0, -1.0, 1.0).astype(np.float32)
@@ -416,9 +423,9 @@ def _refine(x, fs, xc, fs_c, beats_c, contrib) -> np.ndarray:
     centre = np.round(pc * ratio).astype(np.int64)
     hw2 = max(1, int(np.ceil(1.5 * ratio)))
     idx2 = np.clip(centre[:, None] + np.arange(-hw2, hw2 + 1)[None, :], 0, n - 1)
-    raw = (x[best[:, None], idx2] - baseline[:, None]) * sign[:, None]
-    r = idx2[rows, np.argmax(raw, axis=1)]
-    return np.unique(r.astype(np.int64))
+    raw = (flat[row + idx2] - baseline[:, None]) * sign[:, None]
+    r = np.sort(idx2[rows, np.argmax(raw, axis=1)].astype(np.int64))
+    return r[np.concatenate([[True], np.diff(r) > 0])] if r.size else r
 
 
 def _detect_chunk(x: np.ndarray, fs: float) -> np.ndarray:
@@ -439,10 +446,16 @@ def _detect_chunk(x: np.ndarray, fs: float) -> np.ndarray:
     rescue = q.max(axis=0, keepdims=True) < 0.3
     q = np.where(rescue, np.maximum(q, periodic), q)
     q[vf] = 0.0
-    both = _expand(np.concatenate([1.0 / scale, q]), b, nc)
-    inv, w = both[:n_leads], both[n_leads:]
+    # per sub-block: the lead's 1/scale and its weight (with the burst factor), then
+    # one interpolation to samples
+    ns = -(-nc // sb)
+    t_s, t_b = (np.arange(ns) + 0.5) * sb, (np.arange(scale.shape[1]) + 0.5) * b
+    inv_s = np.stack([np.interp(t_s, t_b, v) for v in 1.0 / scale])
+    w_s = np.stack([np.interp(t_s, t_b, v) for v in q])
     if n_leads > 1:
-        w = w * _expand(_burst_weights(e, sb, scale, q), sb, nc)
+        w_s = w_s * _burst_weights(e, sb, scale, q)
+    both = _expand(np.concatenate([inv_s, w_s]), sb, nc)
+    inv, w = both[:n_leads], both[n_leads:]
     wsum = w.sum(axis=0)
     norm = 1.0 / np.maximum(wsum, 0.5)
     contrib = w * np.minimum(e * inv, NORM_CAP)

@@ -1,0 +1,249 @@
+"""Where one record's time goes, stage by stage, on real records.
+
+    .venv/bin/python benchmarks/profile_record.py [RECORDS_DIR] [--repeats N] [--cprofile]
+                                                  [--beam] [--top 25]
+
+Times every stage of `tokenize_record` on each record (all records, `--repeats` passes,
+the first pass discarded as warm-up when there are several) and prints a table of
+milliseconds per record and the share of the total:
+
+    read               wfdb_reader.read_record (header parse + decode)
+    detect             qrs.detect_r_peaks
+    quality            beats.beat_quality
+    clean+resample     windows.clean_for_windows (0.5-40 Hz band-pass, resample to 100 Hz)
+    lowpass            the tokenizer view's 25 Hz low-pass at 100 Hz
+    windows            windows.beat_windows (cut, RR mask, median baseline)
+    align+norm         tokenizer.align_windows + l2 normalisation
+    assign             codebook assignment (nearest of K words, vectorised)
+    rows               rhythm words, sentence, Python lists of the row (token_rows less encode)
+    arrow              rows -> pyarrow.Table with the token schema (what WriteToParquet does)
+    guard IPC          the extra cost of the guarded child process per record
+                       (GuardedTokenizer round trip minus the in-process call)
+
+`--beam` adds the per-record cost of Beam itself: an `ecgtok tokenize` run with
+`--isolation none` over the same records, minus its start-up, minus the in-process sum.
+`--cprofile` prints the top functions by cumulative and by own time over one pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import glob
+import os
+import pickle
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+DEFAULT_DIR = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "cinc2021_12lead"))
+
+
+def records(folder: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(folder, "**", "*.hea"), recursive=True))
+
+
+def stage_times(paths: list[str], tok, schema) -> dict[str, list[float]]:
+    """Seconds per stage per record, calling the same functions tokenize_record calls."""
+    import pyarrow as pa
+    from ecgtok.models.tokenizer import align_windows
+    from ecgtok.transforms import windows as W
+    from ecgtok.transforms.beats import FLAG_NOISE_MASK, beat_quality
+    from ecgtok.transforms.qrs import detect_r_peaks
+    from ecgtok.transforms.record_tokens import token_rows
+    from ecgtok.transforms.wfdb_reader import read_record
+    from scipy import signal as sps
+
+    view = tok.view
+    out: dict[str, list[float]] = {}
+
+    def add(name: str, dt) -> None:
+        out.setdefault(name, []).append(dt)
+
+    def clock() -> np.ndarray:
+        """(wall, CPU) seconds: CPU time is what a loaded machine distorts least."""
+        return np.array([time.perf_counter(), time.thread_time()])
+
+    for p in paths:
+        t = clock()
+        rec = read_record(p, os.path.basename(p)[:-4])
+        add("read", clock() - t)
+
+        t = clock()
+        r = np.asarray(detect_r_peaks(rec.signal, rec.fs), dtype=np.int64)
+        add("detect", clock() - t)
+
+        t = clock()
+        flags = np.asarray(beat_quality(rec.signal, rec.fs, r), dtype=np.uint8)
+        add("quality", clock() - t)
+
+        # The tokenizer's view, stage by stage (models.tokenizer.beat_view).
+        t = clock()
+        clean = W.clean_for_windows(rec.signal, rec.fs)
+        add("clean+resample", clock() - t)
+
+        t = clock()
+        lp = view.get("lowpass_hz")
+        if lp and clean.shape[0] > 30:
+            sos = sps.butter(4, float(lp), fs=W.WINDOW_FS, output="sos")
+            clean = sps.sosfiltfilt(sos, clean, axis=0).astype(np.float32)
+        add("lowpass", clock() - t)
+
+        t = clock()
+        wins = W.beat_windows(clean, W.to_window_rate(r, rec.fs))
+        add("windows", clock() - t)
+
+        t = clock()
+        m = int(view.get("align_samples") or 0)
+        if m and wins.shape[0]:
+            wins = align_windows(wins, m)
+        if view.get("beat_norm") == "l2" and wins.shape[0]:
+            e = np.sqrt((wins.astype(np.float64) ** 2).sum(axis=2, keepdims=True))
+            wins = np.where(e > 1e-6, wins / np.maximum(e, 1e-6), 0.0).astype(np.float32)
+        add("align+norm", clock() - t)
+
+        t = clock()
+        if wins.shape[0]:
+            tok.encode_windows(wins, (flags & FLAG_NOISE_MASK) != 0)
+        add("assign", clock() - t)
+
+        # token_rows = encode (timed above, stage by stage) + building the row dicts.
+        t = clock()
+        rows = token_rows(rec, r, flags, tok)
+        t_rows_all = clock() - t
+        t = clock()
+        tok.encode(rec.signal, rec.fs, r, (flags & FLAG_NOISE_MASK) != 0)
+        t_encode = clock() - t
+        add("rows", np.maximum(0.0, t_rows_all - t_encode))
+
+        t = clock()
+        pa.Table.from_pylist(rows, schema=schema)
+        add("arrow", clock() - t)
+
+        t = clock()
+        pickle.loads(pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL))
+        add("pickle rows", clock() - t)
+        out.setdefault("_samples", []).append(rec.signal.shape[0] * rec.signal.shape[1])
+    return out
+
+
+def guard_cost(paths: list[str], tok_dir: str, tok) -> tuple[float, float]:
+    """(seconds per record through GuardedTokenizer, seconds per record in process)."""
+    from ecgtok.transforms.isolation import GuardedTokenizer
+    from ecgtok.transforms.record_tokens import tokenize_record
+
+    g = GuardedTokenizer(tok_dir, 300.0, 6144)
+    try:
+        g.tokenize(paths[0], "warm", 300.0, {})  # start the child
+        t = time.perf_counter()
+        for p in paths:
+            g.tokenize(p, os.path.basename(p)[:-4], 300.0, {})
+        guarded = (time.perf_counter() - t) / len(paths)
+    finally:
+        g.close()
+    t = time.perf_counter()
+    for p in paths:
+        tokenize_record(p, os.path.basename(p)[:-4], tok, 300.0, {})
+    direct = (time.perf_counter() - t) / len(paths)
+    return guarded, direct
+
+
+def beam_cost(folder: str, n: int) -> dict:
+    """Wall of `ecgtok tokenize --isolation none` and of a 1-record run (start-up)."""
+    exe = os.path.join(ROOT, ".venv", "bin", "ecgtok")
+    res = {}
+    with tempfile.TemporaryDirectory(prefix="ecgtok_prof_") as tmp:
+        one = os.path.join(tmp, "one")
+        os.makedirs(one)
+        first = records(folder)[0]
+        for f in glob.glob(first[:-4] + ".*"):
+            os.symlink(os.path.abspath(f), os.path.join(one, os.path.basename(f)))
+        for name, src in (("startup", one), ("all", folder)):
+            t = time.perf_counter()
+            subprocess.run(
+                [exe, "tokenize", "--input", src, "--output", os.path.join(tmp, name),
+                 "--isolation", "none"],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            res[name] = time.perf_counter() - t
+    res["per_record"] = (res["all"] - res["startup"]) / max(1, n - 1)
+    return res
+
+
+def blas_threads() -> str:
+    try:
+        from threadpoolctl import threadpool_info
+
+        return ",".join(str(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas")
+    except ImportError:
+        return "?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("records_dir", nargs="?", default=DEFAULT_DIR)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cprofile", action="store_true")
+    ap.add_argument("--beam", action="store_true")
+    ap.add_argument("--no-guard", action="store_true")
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--limit", type=int, default=0, help="only the first N records")
+    a = ap.parse_args()
+
+    from ecgtok.models.tokenizer import Tokenizer
+    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.transforms.schemas import token_schema
+
+    paths = records(a.records_dir)
+    if a.limit:
+        paths = paths[: a.limit]
+    tok_dir = default_tokenizer_dir()
+    tok = Tokenizer.load(tok_dir)
+    schema = token_schema()
+
+    runs = [stage_times(paths, tok, schema) for _ in range(max(1, a.repeats))]
+    if len(runs) > 1:
+        runs = runs[1:]  # first pass: warm-up (imports, filter designs, page cache)
+    stages = [k for k in runs[0] if not k.startswith("_")]
+    # per stage: (wall, cpu) seconds per record, median over passes
+    per = {k: np.median([np.mean(r[k], axis=0) for r in runs], axis=0) for k in stages}
+    samples = float(np.mean(runs[0]["_samples"]))
+    total = sum(v for k, v in per.items() if k != "pickle rows")
+
+    print(f"records: {len(paths)} from {a.records_dir}  ({samples:.0f} samples/record, "
+          f"all leads); median of {len(runs)} pass(es); BLAS threads: {blas_threads()}")
+    print(f"{'stage':<16}{'wall ms':>9}{'cpu ms':>9}{'cpu share':>10}")
+    for k in stages:
+        share = "" if k == "pickle rows" else f"{100 * per[k][1] / total[1]:9.1f}%"
+        print(f"{k:<16}{1e3 * per[k][0]:>9.2f}{1e3 * per[k][1]:>9.2f}{share:>10}")
+    print(f"{'in-process sum':<16}{1e3 * total[0]:>9.2f}{1e3 * total[1]:>9.2f}   "
+          f"-> {1 / total[1]:.0f} records/s per core of CPU")
+
+    if not a.no_guard:
+        guarded, direct = guard_cost(paths, tok_dir, tok)
+        print(f"{'guard IPC':<16}{1e3 * (guarded - direct):>10.2f}   "
+              f"(guarded {1e3 * guarded:.2f} ms vs in-process {1e3 * direct:.2f} ms per record)")
+    if a.beam:
+        b = beam_cost(a.records_dir, len(paths))
+        print(f"beam: start-up (1-record run) {b['startup']:.2f} s, {len(paths)} records "
+              f"{b['all']:.2f} s -> {1e3 * b['per_record']:.2f} ms/record in the job with "
+              f"--isolation none (2 cores), vs {1e3 * total[1]:.2f} ms CPU in-process on 1 core")
+
+    if a.cprofile:
+        prof = cProfile.Profile()
+        prof.enable()
+        stage_times(paths, tok, schema)
+        prof.disable()
+        st = pstats.Stats(prof, stream=sys.stdout)
+        st.sort_stats("cumulative").print_stats(a.top)
+        st.sort_stats("tottime").print_stats(a.top)
+
+
+if __name__ == "__main__":
+    main()
