@@ -14,7 +14,6 @@ import os
 import tempfile
 
 import pyarrow.parquet as pq
-
 from ecgtok.pipeline.cli import main as cli
 from ecgtok.transforms.figure import plot_record_with_tokens
 from ecgtok.transforms.wfdb_reader import read_record

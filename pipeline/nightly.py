@@ -116,6 +116,10 @@ class CohortError(NightlyError):
     """The cohort CSV cannot be used (exit code 3, like an unreadable --input)."""
 
 
+class StoreError(NightlyError):
+    """The store cannot be used (exit code 4, like an unusable --output)."""
+
+
 class EmptyCohort(NightlyError):
     """The cohort lists no records (exit code 5, like an empty archive)."""
 
@@ -984,7 +988,15 @@ def _segment_table(segments: list[dict], cols: list[str], cohort: dict):
 
 # ---- the command ------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description="Score a cohort, incrementally.")
+    ap = argparse.ArgumentParser(
+        prog=PROG,
+        description="Score a cohort every night, tokenizing only what changed.",
+        epilog="Also: --tokenizer DIR, --model DIR, --segment_seconds S, --score_batch_size N "
+        "(default 1 here: scores reproducible bit for bit), --device, --isolation, "
+        "--record_timeout, --record_memory_mb, and any Beam option (--runner, --project, ...). "
+        "Exit codes: 2 usage, 3 cohort, 4 store, 5 empty cohort, 6 artifact, "
+        "75 the store is locked by another run.",
+    )
     ap.add_argument("--cohort", required=True, help="cohort CSV (patient_id, path, ...)")
     ap.add_argument("--store", required=True, help="state and outputs folder (local or gs://)")
     ap.add_argument("--date", default=None, help="YYYY-MM-DD (default: today, UTC)")
@@ -1023,9 +1035,9 @@ def _parse_date(text: str | None) -> str:
     try:
         day = dt.date.fromisoformat(text)
     except ValueError:
-        raise NightlyError(f"--date {text!r} is not YYYY-MM-DD") from None
+        raise NightlyError(f"--date {text!r} is not a date written YYYY-MM-DD") from None
     if day.isoformat() != text:
-        raise NightlyError(f"--date {text!r} is not YYYY-MM-DD")
+        raise NightlyError(f"--date {text!r} is not a date written YYYY-MM-DD")
     return text
 
 
@@ -1090,7 +1102,10 @@ def prepare(argv: list[str]):
         thr, thr_source = operating_point(model_config)
     refs, columns, dups = read_cohort(args.cohort)
     if not is_remote(store):
-        os.makedirs(store, exist_ok=True)
+        try:
+            os.makedirs(store, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"--store {store} cannot be used: {exc}") from exc
 
     run_id = f"{date.replace('-', '')}-{uuid.uuid4().hex[:8]}"
     acquire_lock(store, run_id, date, args.break_lock, args.lock_ttl_hours)
@@ -1235,7 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
         (LockHeld, EXIT_LOCKED),
         (EmptyCohort, cli.EXIT_EMPTY),
         ((CohortError, SourceError), cli.EXIT_INPUT),
-        (OutputError, cli.EXIT_OUTPUT),
+        ((StoreError, OutputError), cli.EXIT_OUTPUT),
         (ArtifactError, cli.EXIT_ARTIFACT),
         ((NightlyError, UsageError), cli.EXIT_USAGE),
     ]

@@ -430,6 +430,10 @@ def test_empty_and_missing_cohort(tmp_path, capsys):
     cohort = tmp_path / "c.csv"
     cohort.write_text("path,patient_id\n")
     assert cli(["nightly", "--cohort", str(cohort), "--store", str(tmp_path / "s")]) == 5
+    (tmp_path / "file").write_text("x")
+    good = tmp_path / "g.csv"
+    good.write_text("path,patient_id\na.hea,p\n")
+    assert cli(["nightly", "--cohort", str(good), "--store", str(tmp_path / "file")]) == 4
     missing = str(tmp_path / "nope.csv")
     assert cli(["nightly", "--cohort", missing, "--store", str(tmp_path / "s")]) == 3
     capsys.readouterr()
