@@ -69,6 +69,7 @@ def _pin_one_core() -> str:
 
 def _load(folder: str, names: list[str]):
     import wfdb
+
     from ecgtok.transforms.wfdb_reader import read_record
 
     out = []

@@ -165,7 +165,11 @@ def run_baseline(folder: str, out_dir: str) -> dict:
     m = re.search(r"in ([0-9.]+)s", res["out"])
     loop_s = float(m.group(1)) if m else res["wall"]
     return {
-        **res, "records": n, "samples": samples, "rate": loop_rate, "loop_s": loop_s,
+        **res,
+        "records": n,
+        "samples": samples,
+        "rate": loop_rate,
+        "loop_s": loop_s,
         "wall_rate": n / res["wall"],
     }
 
@@ -178,8 +182,13 @@ def run_ecgtok(mode: str, src: str, dst: str, extra: list[str], n: int, samples:
     if mode == "tokenize" and summary.get("discovered") != n:
         raise RuntimeError(f"ecgtok discovered {summary.get('discovered')} of {n} records")
     return {
-        **res, "records": n, "samples": samples, "summary": summary, "done": done,
-        "rate": n / res["wall"], "job_s": summary.get("wall_seconds"),
+        **res,
+        "records": n,
+        "samples": samples,
+        "summary": summary,
+        "done": done,
+        "rate": n / res["wall"],
+        "job_s": summary.get("wall_seconds"),
     }
 
 
@@ -202,11 +211,17 @@ HEAD = (
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--records", default=DEFAULT_DIR, help="records for ecgtok")
-    ap.add_argument("--baseline-records", default=None, help="records for the baseline loop "
-                    "(default: the same as --records)")
+    ap.add_argument(
+        "--baseline-records",
+        default=None,
+        help="records for the baseline loop (default: the same as --records)",
+    )
     ap.add_argument("--configs", default="default,mp2")
-    ap.add_argument("--info-no-guard", action="store_true",
-                    help="also run each config with --isolation none (information only)")
+    ap.add_argument(
+        "--info-no-guard",
+        action="store_true",
+        help="also run each config with --isolation none (information only)",
+    )
     ap.add_argument("--no-score", action="store_true")
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--keep", default=None, help="keep the outputs in this folder")
@@ -252,17 +267,29 @@ def main() -> None:
         print(fmt_row("ecgtok score (existing shards)", r, None), f"(job {r['job_s']:.1f} s)")
     print(f"end:     {load_line()}")
     if base_rate:
-        best = max((v for k, v in results.items() if k.startswith("ecgtok tokenize")
-                    and "none" not in k), key=lambda v: v["rate"], default=None)
+        best = max(
+            (v for k, v in results.items() if k.startswith("ecgtok tokenize") and "none" not in k),
+            key=lambda v: v["rate"],
+            default=None,
+        )
         if best:
-            print(f"best guarded tokenize: {best['rate']:.1f} records/s = "
-                  f"{best['rate'] / base_rate:.2f}x the baseline loop "
-                  f"(target {TARGET_RATIO:.0f}x = {TARGET_RATIO * base_rate:.0f} records/s)")
+            print(
+                f"best guarded tokenize: {best['rate']:.1f} records/s = "
+                f"{best['rate'] / base_rate:.2f}x the baseline loop "
+                f"(target {TARGET_RATIO:.0f}x = {TARGET_RATIO * base_rate:.0f} records/s)"
+            )
     print("* information only: guards are on by default and count in the figures")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({k: {kk: vv for kk, vv in v.items() if kk not in ("out",)}
-                       for k, v in results.items()}, f, indent=2, default=str)
+            json.dump(
+                {
+                    k: {kk: vv for kk, vv in v.items() if kk not in ("out",)}
+                    for k, v in results.items()
+                },
+                f,
+                indent=2,
+                default=str,
+            )
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
 

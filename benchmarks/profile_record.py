@@ -52,13 +52,14 @@ def records(folder: str) -> list[str]:
 def stage_times(paths: list[str], tok, schema) -> dict[str, list[float]]:
     """Seconds per stage per record, calling the same functions tokenize_record calls."""
     import pyarrow as pa
+    from scipy import signal as sps
+
     from ecgtok.models.tokenizer import align_windows
     from ecgtok.transforms import windows as W
     from ecgtok.transforms.beats import FLAG_NOISE_MASK, beat_quality
     from ecgtok.transforms.qrs import detect_r_peaks
     from ecgtok.transforms.record_tokens import token_rows
     from ecgtok.transforms.wfdb_reader import read_record
-    from scipy import signal as sps
 
     view = tok.view
     out: dict[str, list[float]] = {}
@@ -167,9 +168,19 @@ def beam_cost(folder: str, n: int) -> dict:
         for name, src in (("startup", one), ("all", folder)):
             t = time.perf_counter()
             subprocess.run(
-                [exe, "tokenize", "--input", src, "--output", os.path.join(tmp, name),
-                 "--isolation", "none"],
-                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                [
+                    exe,
+                    "tokenize",
+                    "--input",
+                    src,
+                    "--output",
+                    os.path.join(tmp, name),
+                    "--isolation",
+                    "none",
+                ],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
             )
             res[name] = time.perf_counter() - t
     res["per_record"] = (res["all"] - res["startup"]) / max(1, n - 1)
@@ -216,24 +227,32 @@ def main() -> None:
     samples = float(np.mean(runs[0]["_samples"]))
     total = sum(v for k, v in per.items() if k != "pickle rows")
 
-    print(f"records: {len(paths)} from {a.records_dir}  ({samples:.0f} samples/record, "
-          f"all leads); median of {len(runs)} pass(es); BLAS threads: {blas_threads()}")
+    print(
+        f"records: {len(paths)} from {a.records_dir}  ({samples:.0f} samples/record, "
+        f"all leads); median of {len(runs)} pass(es); BLAS threads: {blas_threads()}"
+    )
     print(f"{'stage':<16}{'wall ms':>9}{'cpu ms':>9}{'cpu share':>10}")
     for k in stages:
         share = "" if k == "pickle rows" else f"{100 * per[k][1] / total[1]:9.1f}%"
         print(f"{k:<16}{1e3 * per[k][0]:>9.2f}{1e3 * per[k][1]:>9.2f}{share:>10}")
-    print(f"{'in-process sum':<16}{1e3 * total[0]:>9.2f}{1e3 * total[1]:>9.2f}   "
-          f"-> {1 / total[1]:.0f} records/s per core of CPU")
+    print(
+        f"{'in-process sum':<16}{1e3 * total[0]:>9.2f}{1e3 * total[1]:>9.2f}   "
+        f"-> {1 / total[1]:.0f} records/s per core of CPU"
+    )
 
     if not a.no_guard:
         guarded, direct = guard_cost(paths, tok_dir, tok)
-        print(f"{'guard IPC':<16}{1e3 * (guarded - direct):>10.2f}   "
-              f"(guarded {1e3 * guarded:.2f} ms vs in-process {1e3 * direct:.2f} ms per record)")
+        print(
+            f"{'guard IPC':<16}{1e3 * (guarded - direct):>10.2f}   "
+            f"(guarded {1e3 * guarded:.2f} ms vs in-process {1e3 * direct:.2f} ms per record)"
+        )
     if a.beam:
         b = beam_cost(a.records_dir, len(paths))
-        print(f"beam: start-up (1-record run) {b['startup']:.2f} s, {len(paths)} records "
-              f"{b['all']:.2f} s -> {1e3 * b['per_record']:.2f} ms/record in the job with "
-              f"--isolation none (2 cores), vs {1e3 * total[1]:.2f} ms CPU in-process on 1 core")
+        print(
+            f"beam: start-up (1-record run) {b['startup']:.2f} s, {len(paths)} records "
+            f"{b['all']:.2f} s -> {1e3 * b['per_record']:.2f} ms/record in the job with "
+            f"--isolation none (2 cores), vs {1e3 * total[1]:.2f} ms CPU in-process on 1 core"
+        )
 
     if a.cprofile:
         prof = cProfile.Profile()

@@ -14,6 +14,7 @@ import os
 import tempfile
 
 import pyarrow.parquet as pq
+
 from ecgtok.pipeline.cli import main as cli
 from ecgtok.transforms.figure import plot_record_with_tokens
 from ecgtok.transforms.wfdb_reader import read_record
@@ -23,7 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--record", default=os.path.join(HERE, "..", "..", "shared", "data", "mitdb", "208.hea"))
+    ap.add_argument(
+        "--record", default=os.path.join(HERE, "..", "..", "shared", "data", "mitdb", "208.hea")
+    )
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--out", default=os.path.join(HERE, "record_tokens.png"))
     args = ap.parse_args()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedTensor
+
 from ecgtok.models.model import (
     WEIGHTS_FILE,
     EcgLM,

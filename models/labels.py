@@ -2,8 +2,10 @@
 
     python -m ecgtok.models.labels --data ../shared/data --output labels.csv [--prefix-folder]
 
-Columns: `record_id, start_sample, p_af, p_noisy, p_other_rhythm, source`. An empty cell is
-an unknown label (masked in training). `record_id` is what `ecgtok tokenize --input
+Columns: `record_id, start_sample, p_af, p_noisy, p_other_rhythm, source, split`. An empty
+cell is an unknown label (masked in training). `split` is `test` for a fixed 20% of the
+records of each source (a salted hash of source and record id: by record, never by
+segment), else `train`; the shipped model is fine-tuned on `train` only. `record_id` is what `ecgtok tokenize --input
 DATA/<source>` gives: the header path relative to that folder, without `.hea`. With
 `--prefix-folder` it is relative to DATA itself (`cinc2017_af/A00001`), as a run over the
 whole data folder or a manifest gives.
@@ -28,7 +30,9 @@ import csv
 import os
 
 HEADS = ("p_af", "p_noisy", "p_other_rhythm")
-COLUMNS = ("record_id", "start_sample", *HEADS, "source")
+COLUMNS = ("record_id", "start_sample", *HEADS, "source", "split")
+TEST_FRACTION = 0.2
+SPLIT_SALT = "ecgtok-split-v1"
 AF_SNOMED = "164889003"
 AFL_SNOMED = "164890007"
 SEGMENT_S = 300.0
@@ -41,7 +45,20 @@ def _row(record_id: str, start, source: str, **labels) -> dict:
         v = labels.get(h)
         row[h] = "" if v is None else round(float(v), 4)
     row["source"] = source
+    row["split"] = split_of(source, record_id)
     return row
+
+
+def split_of(source: str, record_id: str, fraction: float = TEST_FRACTION) -> str:
+    """'test' for a fixed fraction of records (seeded hash of source and record), else 'train'.
+
+    By record, never by segment: every segment of a record falls in the same split.
+    """
+    import hashlib
+
+    key = f"{SPLIT_SALT}|{source}|{record_id}".encode()
+    h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+    return "test" if h < fraction * 2.0**64 else "train"
 
 
 def cinc2017_labels(folder: str) -> list[dict]:
@@ -177,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     write_labels(rows, args.output)
     counts: dict = {}
     for r in rows:
-        c = counts.setdefault(r["source"], {"rows": 0, "p_af>=0.5": 0})
+        c = counts.setdefault(f"{r['source']}/{r['split']}", {"rows": 0, "p_af>=0.5": 0})
         c["rows"] += 1
         c["p_af>=0.5"] += r["p_af"] != "" and float(r["p_af"]) >= 0.5
     print(counts)

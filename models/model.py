@@ -19,9 +19,10 @@ import json
 
 import numpy as np
 import torch
+from torch import nn
+
 from ecgtok.models.tokenizer import PAD, ArtifactError, _join, _read_bytes, content_hash
 from ecgtok.transforms.leads import VOCABULARY
-from torch import nn
 
 N_LEAD_IDS = len(VOCABULARY) + 1
 HEADS = ("p_af", "p_noisy", "p_other_rhythm")
@@ -137,9 +138,8 @@ def rr_features(r_peaks, fs: float) -> np.ndarray:
     ratio = np.full(t, np.nan)
     ratio[1:-1] = np.diff(lrr)
     absr = np.abs(np.nan_to_num(ratio))
-    k = np.ones(9)
     valid = (~np.isnan(ratio)).astype(np.float64)
-    local = np.convolve(absr, k, "same") / np.maximum(np.convolve(valid, k, "same"), 1.0)
+    local = _window_sum(absr, 4) / np.maximum(_window_sum(valid, 4), 1.0)
     glob = np.median(np.abs(np.diff(lrr))) if lrr.size > 1 else 0.0
     out[:, 0] = np.nan_to_num(prev - med)
     out[:, 1] = np.nan_to_num(nxt - med)
@@ -148,6 +148,13 @@ def rr_features(r_peaks, fs: float) -> np.ndarray:
     out[:, 4] = glob * 4.0
     out[:, 5] = med
     return out
+
+
+def _window_sum(x: np.ndarray, half: int) -> np.ndarray:
+    """Sum of x over [i - half, i + half] (clipped at the ends), same length as x."""
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    i = np.arange(x.size)
+    return c[np.minimum(i + half + 1, x.size)] - c[np.maximum(i - half, 0)]
 
 
 def row_to_example(row: dict, max_beats: int = MAX_BEATS) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ import posixpath
 from dataclasses import dataclass
 
 import numpy as np
+
 from ecgtok.transforms import windows as W
 
 FORMAT_VERSION = 1

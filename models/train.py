@@ -23,6 +23,7 @@ import sys
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
+
 from ecgtok.models.tokenizer import Tokenizer, _join, _read_bytes, fit_codebook, tokenizer_meta
 
 
@@ -79,6 +80,7 @@ def sample_beats(
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
+
     from ecgtok.pipeline.options import is_local_default, local_runner
     from ecgtok.transforms.stages import DiscoverRecords
 
@@ -105,6 +107,7 @@ def sample_beats(
 
 def _write_sample(items, path: str) -> None:
     from apache_beam.io.filesystems import FileSystems
+
     from ecgtok.transforms.windows import WINDOW_LEN
 
     arr = np.frombuffer(b"".join(w for _, w in items), dtype=np.float32).reshape(-1, WINDOW_LEN)
@@ -373,6 +376,7 @@ def _set_threads() -> None:
 def pretrain(rows: list[dict], vocab_size: int, epochs: int, seed: int, arch: dict, log=print):
     """Masked-beat pretraining: hide 15% of beats (all leads) and predict their words."""
     import torch
+
     from ecgtok.models.model import EcgLM, collate, row_to_example
     from ecgtok.models.tokenizer import MASK, PAD
 
@@ -462,6 +466,7 @@ def finetune(
     are seen, and multi-lead rows often lose some or all but one of their leads.
     """
     import torch
+
     from ecgtok.models.model import collate, row_to_example
 
     _set_threads()
@@ -510,6 +515,7 @@ def finetune(
 def predict(model, rows: list[dict], batch: int = 64) -> dict[str, np.ndarray]:
     """Head probabilities for rows (eval mode, no augmentation)."""
     import torch
+
     from ecgtok.models.model import collate, row_to_example
 
     model.eval()

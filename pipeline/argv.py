@@ -23,6 +23,7 @@ def check_beam_args(argv: list[str]) -> None:
     # Importing the runners' option modules registers their classes.
     import apache_beam.options.pipeline_options  # noqa: F401
     from apache_beam.options.pipeline_options import _BeamArgumentParser
+
     from ecgtok.pipeline.run import UsageError
 
     parser = _BeamArgumentParser(add_help=False, allow_abbrev=False)

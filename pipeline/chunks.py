@@ -20,6 +20,7 @@ import posixpath
 from collections.abc import Callable
 
 from apache_beam.io.filesystems import FileSystems
+
 from ecgtok.pipeline import outputs
 from ecgtok.pipeline.discovery import RecordRef, discover
 

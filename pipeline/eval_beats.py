@@ -81,6 +81,7 @@ def score_one(task: tuple) -> dict:
     Returns {"record", "n_ref", "fs", detector: (tp, fn, fp, seconds, lead_samples)}.
     """
     import wfdb
+
     from ecgtok.transforms.beat_eval import Score, score_record
     from ecgtok.transforms.wfdb_reader import read_record
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import apache_beam as beam
+
 from ecgtok.pipeline.outputs import join
 from ecgtok.transforms import schemas
 from ecgtok.transforms.stages import (

@@ -64,6 +64,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+
 from ecgtok.pipeline import outputs
 from ecgtok.pipeline.discovery import RecordRef, SourceError, is_remote
 
@@ -1172,6 +1173,7 @@ def prepare(argv: list[str]):
 def run_nightly(argv: list[str], test_pipeline=None) -> dict:
     """One night, start to end. Returns the summary (read back from the store)."""
     from apache_beam.runners.runner import PipelineState
+
     from ecgtok.pipeline.run import _make_pipeline
 
     plan, options = prepare(argv)

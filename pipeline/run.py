@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
 from ecgtok.pipeline import chunks, graph, outputs, runners
 from ecgtok.pipeline.discovery import check_source, manifest_columns
 from ecgtok.pipeline.options import (
@@ -103,6 +104,7 @@ def _token_glob(src: str) -> str:
 def _extra_columns_of_shards(pattern: str) -> list[str]:
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
+
     from ecgtok.transforms.schemas import TOKEN_FIELDS
 
     first = FileSystems.match([pattern])[0].metadata_list[0].path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import data_path
+
 from ecgtok.pipeline.eval_beats import main
 from ecgtok.transforms.beat_eval import (
     BEAT_SYMBOLS,

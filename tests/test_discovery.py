@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+
 from ecgtok.pipeline.discovery import SourceError, check_source, discover, manifest_columns
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -132,6 +133,7 @@ def test_nested_multi_segment_masters(tmp_path):
 def test_nested_master_reads(tmp_path):
     # A master whose segment is itself a multi-segment record.
     import numpy as np
+
     from ecgtok.transforms.wfdb_reader import read_record
 
     folder = tmp_path / "n"

@@ -6,8 +6,9 @@ import os
 
 import pytest
 from conftest import copy_record, data_path
-from ecgtok.pipeline.cli import main as cli
 from test_pipeline import read_folder, summary_of
+
+from ecgtok.pipeline.cli import main as cli
 
 GOOD = ["G12EC/E00001", "G12EC/E00002"]
 
@@ -67,7 +68,9 @@ def test_a_record_too_big_for_its_memory_bound_becomes_an_error_row(archive, tmp
         f.truncate(2 * n)
     _header(bad, "huge", "16", n, "huge.dat")
     dst = str(tmp_path / "out")
-    code = cli(["tokenize", "--input", str(archive), "--output", dst, "--record_memory_mb=1500"])
+    # Records stream in segments, so only a segment this long needs the memory at once.
+    args = ["tokenize", "--input", str(archive), "--output", dst, "--record_memory_mb=1500"]
+    code = cli([*args, "--segment_seconds=2000000"])
     capsys.readouterr()
     assert code == 0
     (err,) = read_folder(os.path.join(dst, "errors"))
@@ -82,16 +85,16 @@ def test_transient_failures_are_retried_without_duplicates_or_losses(
     """A storage hiccup on the first attempt of each record: Beam retries the bundle."""
     from ecgtok.transforms import record_tokens
 
-    real = record_tokens.read_record
+    real = record_tokens.open_record
     attempts: dict[str, int] = {}
 
-    def flaky_read(path, record_id=None):
+    def flaky_open(path, record_id=None):
         attempts[record_id] = attempts.get(record_id, 0) + 1
         if attempts[record_id] == 1:
             raise ConnectionError(f"injected transient fault reading {record_id}")
         return real(path, record_id)
 
-    monkeypatch.setattr(record_tokens, "read_record", flaky_read)
+    monkeypatch.setattr(record_tokens, "open_record", flaky_open)
     dst = str(tmp_path / "out")
     args = ["run", "--input", str(archive), "--output", dst]
     # The bundle-based DirectRunner retries failed bundles; in-process so the patch applies.

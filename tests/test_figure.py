@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from ecgtok.transforms.figure import plot_record_with_tokens
 from ecgtok.transforms.synth import STANDARD_LEADS, synthesize_ecg
 

@@ -17,6 +17,8 @@ import tracemalloc
 import numpy as np
 import pytest
 from conftest import data_path
+from gcs_emulator import gcs  # noqa: F401  (pytest fixture)
+
 from ecgtok.transforms.errors import RecordError
 from ecgtok.transforms.formats import (
     DeidPolicy,
@@ -30,7 +32,6 @@ from ecgtok.transforms.formats import (
 )
 from ecgtok.transforms.formats.deid import MAX_AGE
 from ecgtok.transforms.formats.ishne import open_ishne, read_ishne_annotations
-from gcs_emulator import gcs  # noqa: F401  (pytest fixture)
 
 
 def fmt_path(*parts: str) -> str:

@@ -7,10 +7,11 @@ import shutil
 
 import numpy as np
 import pytest
+from gcs_emulator import gcs  # noqa: F401  (pytest fixture)
+
 from ecgtok.pipeline.discovery import discover
 from ecgtok.transforms.errors import RecordError
 from ecgtok.transforms.wfdb_reader import open_record, read_record
-from gcs_emulator import gcs  # noqa: F401  (pytest fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.abspath(os.path.join(REPO, os.environ.get("ECGTOK_DATA", "../shared/data")))
@@ -150,6 +151,7 @@ def test_job_end_to_end_gs_in_gs_out(gcs):  # noqa: F811
 
     import pyarrow.parquet as pq
     from apache_beam.io.filesystems import FileSystems
+
     from ecgtok.pipeline.run import run_job
 
     cpsc = os.path.join(CINC, "CPSC_CPSC-Extra")
@@ -184,8 +186,9 @@ def test_job_end_to_end_gs_in_gs_out(gcs):  # noqa: F811
 
 def test_storage_failures_are_classified():
     """Absent -> missing; refused -> error row; a storage outage -> retry (ConnectionError)."""
-    from ecgtok.transforms.wfdb_reader import _not_found, _storage_error
     from google.api_core import exceptions as gexc
+
+    from ecgtok.transforms.wfdb_reader import _not_found, _storage_error
 
     assert _not_found(gexc.NotFound("x")) and _not_found(FileNotFoundError())
     assert not _not_found(gexc.ServiceUnavailable("x"))

@@ -21,9 +21,10 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from gcs_emulator import gcs  # noqa: F401  (pytest fixture)
+
 from ecgtok.pipeline import nightly
 from ecgtok.pipeline.cli import main as cli
-from gcs_emulator import gcs  # noqa: F401  (pytest fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(REPO, "deploy")
@@ -535,6 +536,7 @@ def test_flex_template_image_and_cron_and_systemd():
 @pytest.mark.slow
 def test_nightly_on_gcs(tmp_path, capsys, gcs):  # noqa: F811
     from apache_beam.io.filesystems import FileSystems
+
     from ecgtok.transforms.synth import write_demo_archive
 
     arch = str(tmp_path / "archive")

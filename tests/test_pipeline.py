@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import copy_record, data_path
+
 from ecgtok.pipeline.cli import main as cli
 
 GOOD = ["G12EC/E00001", "G12EC/E00002", "PTB_PTBXL/HR00001"]
@@ -141,10 +142,11 @@ def test_manifest_columns_are_carried_into_tokens_and_scores(good_archive, tmp_p
     manifest = tmp_path / "cohort.csv"
     with open(manifest, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["patient_id", "path", "site"])
+        # `rhythm` clashes with a token column: it is carried as `manifest_rhythm`.
+        w.writerow(["patient_id", "path", "site", "rhythm"])
         for i, rid in enumerate(GOOD):
             rel = os.path.relpath(os.path.join(good_archive, rid + ".hea"), tmp_path)
-            w.writerow([f"P{i:03d}", rel, "north"])
+            w.writerow([f"P{i:03d}", rel, "north", "sinus"])
     dst = str(tmp_path / "out")
     code, _, _ = run_cli(["run", "--input", str(manifest), "--output", dst], capsys)
     assert code == 0
@@ -154,6 +156,9 @@ def test_manifest_columns_are_carried_into_tokens_and_scores(good_archive, tmp_p
     assert ids == {f"archive/{rid}": f"P{i:03d}" for i, rid in enumerate(GOOD)}
     assert {r["record_id"]: r["patient_id"] for r in scores} == ids
     assert {r["site"] for r in tokens} == {"north"}
+    assert {r["manifest_rhythm"] for r in tokens} == {"sinus"}
+    assert {r["manifest_rhythm"] for r in scores} == {"sinus"}
+    assert all(isinstance(r["rhythm"], list) for r in tokens)
 
 
 def test_existing_output_is_refused_then_replaced_with_overwrite(good_archive, tmp_path, capsys):

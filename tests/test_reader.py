@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+
 from ecgtok.transforms.errors import RecordError
 from ecgtok.transforms.wfdb_reader import _unit_scale, open_record, read_record
 
@@ -360,6 +361,7 @@ def _single_headers() -> list[str]:
 @pytest.mark.parametrize("rel", _single_headers() or ["absent"])
 def test_header_parser_agrees_with_wfdb(rel):
     import wfdb
+
     from ecgtok.transforms.wfdb_formats import parse_header
 
     path = _need(os.path.join(SAMPLE, rel))

@@ -7,8 +7,9 @@ import time
 
 import pytest
 from conftest import copy_record, data_path
-from ecgtok.pipeline.cli import main as cli
 from test_pipeline import read_folder
+
+from ecgtok.pipeline.cli import main as cli
 
 RECORDS = ["G12EC/E00001", "G12EC/E00005", "PTB_PTBXL/HR00003", "ChapmanShaoxing_Ningbo/JS00001"]
 

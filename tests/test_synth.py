@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+
 from ecgtok.transforms.synth import STANDARD_LEADS, synthesize_ecg, write_demo_archive
 
 II = STANDARD_LEADS.index("II")

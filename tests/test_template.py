@@ -9,8 +9,9 @@ import tarfile
 
 import pytest
 from conftest import REPO, data_path
-from ecgtok.pipeline.cli import main as cli
 from gcs_emulator import gcs  # noqa: F401 - the fixture
+
+from ecgtok.pipeline.cli import main as cli
 
 WORKER_MODULES = [
     "pipeline/run.py",

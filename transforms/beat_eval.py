@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-BEAT_SYMBOLS = frozenset(["N", "L", "R", "B", "A", "a", "J", "S", "V", "r", "F", "e", "j", "n", "E", "/", "f", "Q", "?"])
+BEAT_SYMBOLS = frozenset(
+    ["N", "L", "R", "B", "A", "a", "J", "S", "V", "r", "F", "e", "j", "n", "E", "/", "f", "Q", "?"]
+)
 VF_START, VF_END = "[", "]"
 
 

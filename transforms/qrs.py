@@ -13,12 +13,13 @@ Design (vectorised NumPy/SciPy; the only Python loop runs over candidate peaks):
 3. **Per-lead scale and quality**, per 2 s block. A lead's scale is the running median
    of its block peaks, so its beats read ~1 whatever the gain. Its quality weight grows
    with the peak-to-floor ratio (a clean ECG returns to ~0 between beats, noise does
-   not), or with the periodicity of the feature where it never returns to 0 (regular
-   wide-complex tachycardia), and is 0 where the lead is flat or looks like
-   ventricular flutter/fibrillation.
-   Three relative tests demote a lead against a cleaner one (never a lone lead):
-   artefacts (block peaks far above the lead's usual beat, or slow excursions far
-   larger than its QRS), and noise bursts judged on 0.5 s sub-blocks.
+   not). Where no lead passes that test, a strictly periodic feature (regular
+   wide-complex tachycardia, whose feature never returns to 0) restores the weight.
+   The weight is 0 where the lead is flat or looks like ventricular flutter or
+   fibrillation. Relative tests demote a lead against a cleaner one (never a lone
+   lead): artefacts (block peaks far above the lead's usual beat, a beat scale far
+   above its level over the last minute, slow excursions far larger than its QRS),
+   and noise bursts judged on 0.5 s sub-blocks.
 4. **Fusion.** The normalised features are averaged with the quality weights, so a
    noisy or detached lead fades out instead of adding beats. Where no lead is usable
    the fused feature is 0: flat, lead-off and VF stretches get no beats.
@@ -39,9 +40,10 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from ecgtok.transforms.preprocess import resample_ratio
 from scipy import signal as sps
 from scipy.ndimage import uniform_filter1d
+
+from ecgtok.transforms.preprocess import resample_ratio
 
 FS_C = 125.0  # canonical detection rate, Hz
 LAG = 2  # samples at FS_C: x[n+LAG] - x[n-LAG] peaks at FS_C / (4 * LAG) = 15.6 Hz
@@ -61,7 +63,6 @@ VF_BUSY = 0.01  # block floor / peak of the feature above which a block is 'busy
 REFRACTORY_S = 0.20
 T_WAVE_S = 0.36
 SEARCHBACK_RR = 1.66
-WEAK = 0.4  # a candidate under this (beats ~1) must be seen by most of the leads' weight
 SUPPORT_LEVEL = 0.02  # a lead "sees" a beat at this fraction of its usual beat energy
 CHUNK_S = 3600.0  # processing chunk (the core; the overlap is added both sides), s
 OVERLAP_S = 10.0
@@ -314,6 +315,13 @@ def _supported(c: int, leads, fs_c: float) -> bool:
     return float(wc[usable & (lvl >= SUPPORT_LEVEL)].sum()) >= 0.5 * float(wc[usable].sum())
 
 
+def _median_rr(rr8: list, n_rr: int) -> float:
+    """Median of the last (up to) 8 RR intervals; robust to one long pause."""
+    v = sorted(rr8[: min(n_rr, 8)])
+    m = len(v)
+    return v[m // 2] if m % 2 else 0.5 * (v[m // 2 - 1] + v[m // 2])
+
+
 def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray:
     """Pan-Tompkins-style adaptive decision on the fused feature `f`.
 
@@ -363,7 +371,7 @@ def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray
                 tc = ts[best]
                 rr8[n_rr % 8] = tc - last_t
                 n_rr += 1
-                gap = SEARCHBACK_RR * sum(rr8) / (n_rr if n_rr < 8 else 8)
+                gap = SEARCHBACK_RR * _median_rr(rr8, n_rr)
                 beats.append(tc)
                 last_t, last_slope, last_ci = tc, sls[best], best
                 cap = 2.0 * spk if spk > 0.5 else 1.0
@@ -377,15 +385,11 @@ def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray
             break
         h = hs[i]
         if t - last_t > refr:
-            if (
-                h > thr
-                and not (t - last_t < t_wave and sls[i] < 0.5 * last_slope)
-                and (h >= WEAK or _supported(t, leads, fs_c))
-            ):
+            if h > thr and not (t - last_t < t_wave and sls[i] < 0.5 * last_slope):
                 if beats:
                     rr8[n_rr % 8] = t - last_t
                     n_rr += 1
-                    gap = SEARCHBACK_RR * sum(rr8) / (n_rr if n_rr < 8 else 8)
+                    gap = SEARCHBACK_RR * _median_rr(rr8, n_rr)
                 beats.append(t)
                 last_t, last_slope, last_ci = t, sls[i], i
                 # features are normalised (beats ~1): an artefact must not deafen us
@@ -400,11 +404,15 @@ def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray
 
 # ---------------------------------------------------------------------- refinement
 def _refine(x, fs, xc, fs_c, beats_c, contrib) -> np.ndarray:
-    """Move each beat to the R extremum of its best lead, at the original rate."""
+    """Move each beat to the R extremum of its best lead, at the original rate.
+
+    `contrib` (leads, beats) is each lead's weighted share of the fused feature at the
+    beat; the largest share names the best lead.
+    """
     n_leads, n = x.shape
     nc = xc.shape[1]
     rows = np.arange(beats_c.size)
-    best = np.argmax(contrib[:, beats_c], axis=0) if n_leads > 1 else np.zeros(beats_c.size, int)
+    best = np.argmax(contrib, axis=0) if n_leads > 1 else np.zeros(beats_c.size, int)
     flat_c, flat = xc.ravel(), x.ravel()
     row_c, row = (best * nc)[:, None], (best * n)[:, None]
     # baseline: mean of the best lead over +-150 ms
@@ -456,24 +464,35 @@ def _detect_chunk(x: np.ndarray, fs: float) -> np.ndarray:
         w_s = w_s * _burst_weights(e, sb, scale, q)
     both = _expand(np.concatenate([inv_s, w_s]), sb, nc)
     inv, w = both[:n_leads], both[n_leads:]
-    wsum = w.sum(axis=0)
+    # fused feature f (capped, normalised energy) and fused squared slope g, lead by
+    # lead in place: no (leads, samples) temporaries
+    f, g, wsum = (np.zeros(nc, np.float32) for _ in range(3))
+    tmp = np.empty(nc, np.float32)
+    for lead in range(n_leads):
+        np.multiply(e[lead], inv[lead], out=tmp)
+        np.minimum(tmp, NORM_CAP, out=tmp)
+        tmp *= w[lead]
+        f += tmp
+        np.multiply(d2[lead], inv[lead], out=tmp)
+        tmp *= w[lead]
+        g += tmp
+        wsum += w[lead]
     norm = 1.0 / np.maximum(wsum, 0.5)
-    contrib = w * np.minimum(e * inv, NORM_CAP)
-    f = contrib.sum(axis=0) * norm
+    f *= norm
+    g *= norm
     f[wsum < 0.05] = 0.0
-    g = (w * d2 * inv).sum(axis=0) * norm
     beats_c = _decide(f, g, fs_c, (e, inv, w) if n_leads > 1 else None)
     if beats_c.size == 0:
         return beats_c
+    contrib = w[:, beats_c] * np.minimum(e[:, beats_c] * inv[:, beats_c], NORM_CAP)
     return _refine(x, fs, xc, fs_c, beats_c, contrib)
 
 
 def _leads_first(x: np.ndarray) -> np.ndarray:
     """(samples, leads) -> contiguous float32 (leads, samples); non-finite -> 0 (flat)."""
     xt = np.ascontiguousarray(x.T, dtype=np.float32)
-    bad = ~np.isfinite(xt)
-    if bad.any():
-        xt[bad] = 0.0
+    if not np.isfinite(xt.sum(dtype=np.float64)):  # one pass; NaN/inf are rare
+        xt[~np.isfinite(xt)] = 0.0
     return xt
 
 

@@ -1,21 +1,36 @@
-"""One record to its token rows: read, find beats, tokenize, cut into segments.
+"""One record to its token rows: open, then per segment read, find beats and tokenize.
 
 Plain Python over NumPy, no Beam: the Beam wrapper (`transforms/stages.py`) calls
 `tokenize_record` once per record and turns a `RecordError` into an error row.
+
+A record is streamed segment by segment (`--segment_seconds`, 5 minutes by default), so
+a 24 h Holter costs the memory of one segment, not of the day. Each segment is read with
+a few seconds of its neighbours on both sides, so the detector has settled at the
+segment's edges, and a beat's window and RR interval see the beats beyond the edge. Every
+beat is kept by exactly one segment: the one whose [start, end) holds its R peak.
+
+Every file of a record is checked when it is opened, before any sample is decoded, and
+rows are only returned once the whole record succeeded, so a record never ends with both
+token rows and an error row.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
 from ecgtok.models.tokenizer import Tokenizer, build_sentence
 from ecgtok.transforms.errors import TRANSIENT_ERRORS, RecordError
-from ecgtok.transforms.wfdb_reader import Record, read_record
+from ecgtok.transforms.wfdb_reader import Record, open_record
 
 DEFAULT_SEGMENT_S = 300.0
+# Context read on each side of a segment (detector settling, neighbouring beats).
+CONTEXT_S = 5.0
+# Two detections closer than this across a segment edge are one beat.
+REFRACTORY_S = 0.2
 
 
 def find_beats(record: Record) -> tuple[np.ndarray, np.ndarray]:
-    """R peaks (int64, original rate) and per-beat quality flags (uint8) of a record."""
+    """R peaks (int64, at the record's rate) and per-beat quality flags (uint8)."""
     from ecgtok.transforms.beats import beat_quality
     from ecgtok.transforms.qrs import detect_r_peaks
 
@@ -37,8 +52,70 @@ def segment_bounds(n_samples: int, fs: float, segment_s: float) -> list[tuple[in
     return [(s, min(s + seg, n_samples)) for s in range(0, n_samples, seg)]
 
 
-def _meta_columns(record: Record) -> dict:
-    meta = record.meta or {}
+class _InMemoryReader:
+    """A decoded Record behind the reader interface (exports are small files)."""
+
+    def __init__(self, record: Record) -> None:
+        self._record = record
+        self.record_id = record.record_id
+        self.source_path = record.source_path
+        self.fs = record.fs
+        self.n_samples = record.signal.shape[0]
+        self.lead_names = record.lead_names
+        self.original_lead_names = record.original_lead_names
+        self.meta = record.meta
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self._record.signal[max(0, start) : stop]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def open_any(source_path: str, record_id: str):
+    """A reader (fs, n_samples, read(start, stop), names, meta) for any supported file."""
+    from ecgtok.transforms.formats import is_export_file, read_export
+    from ecgtok.transforms.formats.deid import DeidPolicy
+
+    try:
+        if is_export_file(source_path):
+            # The pseudonym key reaches workers through the environment, never the graph.
+            policy = DeidPolicy.from_env()
+            if source_path.lower().endswith(".ecg"):
+                from ecgtok.transforms.formats.ishne import open_ishne
+
+                return open_ishne(source_path, record_id, policy)
+            return _InMemoryReader(read_export(source_path, record_id, policy))
+        return open_record(source_path, record_id)
+    except (RecordError, *TRANSIENT_ERRORS):
+        raise
+    except Exception as exc:
+        raise RecordError("read", type(exc).__name__, str(exc)) from exc
+
+
+def read_any(source_path: str, record_id: str) -> Record:
+    """The whole of a record as one `Record` (for short records and training code)."""
+    with open_any(source_path, record_id) as reader:
+        return _as_record(reader, reader.read(0, reader.n_samples))
+
+
+def _as_record(reader, signal: np.ndarray) -> Record:
+    return Record(
+        record_id=reader.record_id,
+        source_path=reader.source_path,
+        fs=float(reader.fs),
+        signal=signal,
+        lead_names=list(reader.lead_names),
+        original_lead_names=list(reader.original_lead_names),
+        meta=dict(reader.meta or {}),
+    )
+
+
+def _meta_columns(meta: dict) -> dict:
+    meta = meta or {}
     return {
         "age": meta.get("age"),
         "sex": meta.get("sex"),
@@ -47,62 +124,75 @@ def _meta_columns(record: Record) -> dict:
     }
 
 
-def token_rows(
-    record: Record,
-    r_peaks: np.ndarray,
-    flags: np.ndarray,
-    tokenizer: Tokenizer,
-    segment_s: float = DEFAULT_SEGMENT_S,
-    extra: dict | None = None,
-) -> list[dict]:
-    """Tokenize a record whose beats are known, one row per segment."""
+def _tokenize_window(
+    chunk: Record, tokenizer: Tokenizer
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Beats, flags, words and rhythm words of one read window (indices local to it)."""
     from ecgtok.transforms.beats import FLAG_NOISE_MASK
 
+    r_peaks, flags = find_beats(chunk)
     try:
         noisy = (flags & FLAG_NOISE_MASK) != 0 if flags.size else np.zeros(0, dtype=bool)
-        words, rhythm = tokenizer.encode(record.signal, record.fs, r_peaks, noisy)
+        words, rhythm = tokenizer.encode(chunk.signal, chunk.fs, r_peaks, noisy)
     except Exception as exc:
         raise RecordError("tokenize", type(exc).__name__, str(exc)) from exc
+    return r_peaks, flags, words, rhythm
+
+
+def _row(reader, start: int, end: int, peaks, flags, words, rhythm, tokenizer, extra) -> dict:
+    sentence, s_lead, s_beat = build_sentence(words, rhythm)
+    return {
+        "record_id": reader.record_id,
+        "start_sample": int(start),
+        "n_samples": int(end - start),
+        "fs": float(reader.fs),
+        "lead_names": list(reader.lead_names),
+        "original_lead_names": list(reader.original_lead_names),
+        "r_peaks": peaks.astype(np.int64).tolist(),
+        "beat_flags": flags.astype(np.int32).tolist(),
+        "tokens": words.astype(np.int32).tolist(),
+        "rhythm": rhythm.astype(np.int32).tolist(),
+        "sentence": sentence.tolist(),
+        "sentence_lead": s_lead.astype(np.int32).tolist(),
+        "sentence_beat": s_beat.tolist(),
+        "tokenizer_id": tokenizer.tokenizer_id,
+        "source_path": reader.source_path,
+        **_meta_columns(reader.meta),
+        **(extra or {}),
+    }
+
+
+def tokenize_reader(
+    reader, tokenizer: Tokenizer, segment_s: float = DEFAULT_SEGMENT_S, extra: dict | None = None
+) -> list[dict]:
+    """Token rows, one per segment, streaming the record through `reader`."""
+    fs, n = float(reader.fs), int(reader.n_samples)
+    context = int(round(CONTEXT_S * fs))
+    refractory = int(round(REFRACTORY_S * fs))
+    last_kept = -(10**18)
     rows = []
-    n = record.signal.shape[0]
-    for start, end in segment_bounds(n, record.fs, segment_s):
-        sel = (r_peaks >= start) & (r_peaks < end)
-        seg_words = words[:, sel]
-        seg_rhythm = rhythm[sel]
-        sentence, s_lead, s_beat = build_sentence(seg_words, seg_rhythm)
+    for start, end in segment_bounds(n, fs, segment_s):
+        lo, hi = max(0, start - context), min(n, end + context)
+        chunk = _as_record(reader, reader.read(lo, hi))
+        peaks, flags, words, rhythm = _tokenize_window(chunk, tokenizer)
+        peaks = peaks + lo
+        keep = (peaks >= start) & (peaks < end) & (peaks > last_kept + refractory)
+        if keep.any():
+            last_kept = int(peaks[keep][-1])
         rows.append(
-            {
-                "record_id": record.record_id,
-                "start_sample": int(start),
-                "n_samples": int(end - start),
-                "fs": float(record.fs),
-                "lead_names": list(record.lead_names),
-                "original_lead_names": list(record.original_lead_names),
-                "r_peaks": r_peaks[sel].astype(np.int64).tolist(),
-                "beat_flags": flags[sel].astype(np.int32).tolist(),
-                "tokens": seg_words.astype(np.int32).tolist(),
-                "rhythm": seg_rhythm.astype(np.int32).tolist(),
-                "sentence": sentence.tolist(),
-                "sentence_lead": s_lead.astype(np.int32).tolist(),
-                "sentence_beat": s_beat.tolist(),
-                "tokenizer_id": tokenizer.tokenizer_id,
-                "source_path": record.source_path,
-                **_meta_columns(record),
-                **(extra or {}),
-            }
+            _row(
+                reader,
+                start,
+                end,
+                peaks[keep],
+                flags[keep],
+                words[:, keep],
+                rhythm[keep],
+                tokenizer,
+                extra,
+            )
         )
     return rows
-
-
-def read_any(source_path: str, record_id: str) -> Record:
-    """A WFDB record, or a hospital export (MUSE, aECG, Philips, DICOM, SCP, ISHNE)."""
-    from ecgtok.transforms.formats import is_export_file, read_export
-    from ecgtok.transforms.formats.deid import DeidPolicy
-
-    if is_export_file(source_path):
-        # The pseudonym key reaches workers through the environment, never the graph.
-        return read_export(source_path, record_id, DeidPolicy.from_env())
-    return read_record(source_path, record_id)
 
 
 def tokenize_record(
@@ -112,12 +202,13 @@ def tokenize_record(
     segment_s: float = DEFAULT_SEGMENT_S,
     extra: dict | None = None,
 ) -> list[dict]:
-    """Read, find beats and tokenize one record. Raises RecordError naming the stage."""
-    try:
-        record = read_any(source_path, record_id)
-    except (RecordError, *TRANSIENT_ERRORS):
-        raise
-    except Exception as exc:
-        raise RecordError("read", type(exc).__name__, str(exc)) from exc
-    r_peaks, flags = find_beats(record)
-    return token_rows(record, r_peaks, flags, tokenizer, segment_s, extra)
+    """Open, read, find beats and tokenize one record. Raises RecordError naming the stage."""
+    with open_any(source_path, record_id) as reader:
+        try:
+            return tokenize_reader(reader, tokenizer, segment_s, extra)
+        except (RecordError, *TRANSIENT_ERRORS):
+            raise
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise RecordError("read", type(exc).__name__, str(exc)) from exc

@@ -7,6 +7,7 @@ strings, so a cohort's own ids travel with every row.
 from __future__ import annotations
 
 import pyarrow as pa
+
 from ecgtok.models.model import HEADS
 
 TOKEN_FIELDS = [
@@ -50,9 +51,16 @@ ERROR_FIELDS = [
 ]
 
 
+FIXED_NAMES = {f.name for f in TOKEN_FIELDS + SCORE_FIELDS + ERROR_FIELDS}
+
+
+def extra_field_names(columns: list[str]) -> list[str]:
+    """Output names of manifest columns: one that clashes with a fixed column gets a prefix."""
+    return [f"manifest_{c}" if c in FIXED_NAMES else c for c in columns]
+
+
 def _with_extra(fields: list[pa.Field], extra: list[str], metadata: dict | None) -> pa.Schema:
-    taken = {f.name for f in fields}
-    more = [pa.field(name, pa.string()) for name in extra if name not in taken]
+    more = [pa.field(name, pa.string()) for name in extra_field_names(extra)]
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     return pa.schema(fields + more, metadata=meta or None)
 

@@ -18,13 +18,47 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
 from ecgtok.models.model import HEADS, row_to_example
 from ecgtok.pipeline.discovery import RecordRef, discover
 from ecgtok.transforms.errors import TRANSIENT_ERRORS, RecordError
+from ecgtok.transforms.schemas import extra_field_names
 
 NAMESPACE = "ecgtok"
 ERRORS = "errors"
 _LOG = logging.getLogger(__name__)
+
+
+_BLAS_LIMIT = None
+
+
+def one_blas_thread() -> None:
+    """Limit NumPy/SciPy's OpenBLAS to one thread in this process (once; idempotent).
+
+    Records are processed in parallel by Beam's workers (and their guarded children); a
+    record's only BLAS call is the codebook assignment, a product of a few hundred beats
+    by the codebook. With OpenBLAS's default of one thread per core, that product costs
+    12-24 ms on a busy 2-core machine (the threads spin against the other workers)
+    instead of 0.08 ms: it was the largest single cost per record. Only OpenBLAS is
+    limited (torch's own pools are left alone). Results do not change.
+    """
+    global _BLAS_LIMIT
+    if _BLAS_LIMIT is not None:
+        return
+    try:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS_LIMIT = ThreadpoolController().select(internal_api="openblas").limit(limits=1)
+    except Exception:  # threadpoolctl missing or a library it cannot drive: keep defaults
+        _BLAS_LIMIT = False
+
+
+def _guarded_tokenize(source_path: str, record_id: str, segment_s: float, extra: dict):
+    """The guarded child's work: `isolation._tokenize_in_child` with one BLAS thread."""
+    from ecgtok.transforms.isolation import _tokenize_in_child
+
+    one_blas_thread()
+    return _tokenize_in_child(source_path, record_id, segment_s, extra)
 
 
 def error_row(ref: RecordRef, stage: str, error_type: str, message: str) -> dict:
@@ -82,8 +116,13 @@ class _TokenizeRecordFn(beam.DoFn):
         self._guard = None
         if self._limits.isolate:
             self._guard = GuardedTokenizer(
-                self._tokenizer_dir, self._limits.timeout_s, self._limits.memory_mb
+                self._tokenizer_dir,
+                self._limits.timeout_s,
+                self._limits.memory_mb,
+                work=_guarded_tokenize,
             )
+        else:
+            one_blas_thread()
         self._tokenized = Metrics.counter(NAMESPACE, "records_tokenized")
         self._failed = Metrics.counter(NAMESPACE, "records_failed")
         self._beats = Metrics.counter(NAMESPACE, "beats")
@@ -93,7 +132,8 @@ class _TokenizeRecordFn(beam.DoFn):
     def process(self, ref: RecordRef):
         from ecgtok.transforms.record_tokens import tokenize_record
 
-        extra = {c: str(ref.extra.get(c, "")) for c in self._extra_columns}
+        names = extra_field_names(self._extra_columns)
+        extra = {out: str(ref.extra.get(c, "")) for c, out in zip(self._extra_columns, names)}
         try:
             if self._guard is not None:
                 rows = self._guard.tokenize(ref.source_path, ref.record_id, self._segment_s, extra)
@@ -190,7 +230,7 @@ class ScoreRecords(beam.PTransform):
     ) -> None:
         super().__init__()
         self._model_dir = model_dir
-        self._extra = list(extra_columns)
+        self._extra = extra_field_names(list(extra_columns))
         self._device = device
         self._batch = batch
 

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from ecgtok.transforms.errors import RecordError
 
 STAGE = "read"

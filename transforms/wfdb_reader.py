@@ -39,6 +39,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from ecgtok.transforms.edf import edf_header_size, is_annotation, parse_edf_header
 from ecgtok.transforms.errors import RecordError
 from ecgtok.transforms.leads import normalise_lead_name

@@ -6,6 +6,7 @@ import io
 import xml.etree.ElementTree as ET
 
 import numpy as np
+
 from ecgtok.transforms.errors import RecordError
 from ecgtok.transforms.formats.deid import DeidPolicy
 from ecgtok.transforms.leads import normalise_lead_name

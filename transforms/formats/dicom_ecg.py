@@ -16,6 +16,7 @@ import re
 import warnings
 
 import numpy as np
+
 from ecgtok.transforms.formats._common import MAX_LEADS, MAX_VALUES, fail, make_record
 from ecgtok.transforms.formats.deid import DeidPolicy, Demographics, normalise_sex, parse_date
 from ecgtok.transforms.wfdb_reader import Record

@@ -14,6 +14,7 @@ import datetime as _dt
 import zlib
 
 import numpy as np
+
 from ecgtok.transforms.formats._common import (
     child,
     fail,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+
 from ecgtok.transforms.formats._common import MAX_VALUES, child, fail, make_record, parse_xml
 from ecgtok.transforms.formats.deid import (
     DeidPolicy,

@@ -19,6 +19,7 @@ import datetime as _dt
 from collections.abc import Iterator
 
 import numpy as np
+
 from ecgtok.transforms.formats._common import MAX_LEADS, check_fs, fail
 from ecgtok.transforms.formats.deid import DeidPolicy, Demographics
 from ecgtok.transforms.leads import STANDARD_LEADS, normalise_lead_name

@@ -22,6 +22,7 @@ import contextlib
 import datetime as _dt
 
 import numpy as np
+
 from ecgtok.transforms.formats._common import (
     MAX_LEADS,
     MAX_VALUES,

@@ -25,6 +25,7 @@ import datetime as _dt
 import struct
 
 import numpy as np
+
 from ecgtok.transforms.formats._common import MAX_LEADS, MAX_VALUES, fail, make_record
 from ecgtok.transforms.formats.deid import DeidPolicy, Demographics
 from ecgtok.transforms.wfdb_reader import Record
