@@ -366,11 +366,13 @@ def _batches(n: int, size: int, rng: np.random.Generator):
 
 
 def _set_threads() -> None:
+    """One torch thread unless ECGTOK_TORCH_THREADS says otherwise: these models are small,
+    and on a shared 2-core machine extra threads spin and run 3-10x slower."""
     import os
 
     import torch
 
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, int(os.environ.get("ECGTOK_TORCH_THREADS", "1"))))
 
 
 def pretrain(rows: list[dict], vocab_size: int, epochs: int, seed: int, arch: dict, log=print):
@@ -407,7 +409,7 @@ def pretrain(rows: list[dict], vocab_size: int, epochs: int, seed: int, arch: di
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
         log(f"pretrain epoch {epoch + 1}/{epochs}: masked-word loss {total / max(count, 1):.3f}")
     return model
@@ -504,7 +506,7 @@ def finetune(
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             count += len(idx)
         log(
             f"finetune epoch {epoch + 1}/{epochs}: loss {total / max(count, 1):.3f} on {len(data)} rows"

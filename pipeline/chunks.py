@@ -22,7 +22,7 @@ from collections.abc import Callable
 from apache_beam.io.filesystems import FileSystems
 
 from ecgtok.pipeline import outputs
-from ecgtok.pipeline.discovery import RecordRef, discover
+from ecgtok.pipeline.discovery import DeidSettings, RecordRef, discover
 
 DEFAULT_CHUNK_RECORDS = 20_000
 PLAN = "plan.json"
@@ -71,12 +71,13 @@ def run_chunks(
     chunk_records: int,
     resume: bool,
     run_one: Callable[[list[RecordRef], str], object],
+    deid: DeidSettings | None = None,
 ) -> tuple[list[object], int, int]:
     """Run every unfinished chunk with `run_one(refs, out_dir)`.
 
     Returns (pipeline results of the chunks run now, records discovered, chunks skipped).
     """
-    refs = list(discover(src))
+    refs = list(discover(src, deid))
     plan = _plan_of(refs, chunk_records, mode)
     plan_path = outputs.join(staged, PLAN)
     if resume and FileSystems.exists(plan_path):

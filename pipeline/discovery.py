@@ -44,6 +44,26 @@ class RecordRef:
     record_id: str
     source_path: str
     extra: dict = field(default_factory=dict, hash=False, compare=False)
+    # What outputs and error rows may show of the path ("" = source_path). Hospital
+    # exports show a pseudonym: their file names can hold patient identifiers.
+    display_path: str = ""
+
+    @property
+    def public_path(self) -> str:
+        return self.display_path or self.source_path
+
+
+@dataclass(frozen=True)
+class DeidSettings:
+    """How hospital exports are de-identified: a key file path and the carry switch."""
+
+    key_file: str | None = None
+    carry_identifiers: bool = False
+
+    def policy(self):
+        from ecgtok.transforms.formats.deid import DeidPolicy
+
+        return DeidPolicy.from_settings(self.key_file, self.carry_identifiers)
 
 
 def is_remote(path: str) -> bool:
@@ -90,15 +110,53 @@ def check_source(src: str) -> None:
         raise SourceError(f"--input manifest {src} does not exist")
     if kind == "folder" and not os.path.exists(path):
         raise SourceError(f"--input {src} does not exist")
-    if kind == "folder" and os.path.isfile(path) and not _is_record_file(path):
+    if (
+        kind == "folder"
+        and os.path.isfile(path)
+        and not (_is_record_file(path) or _is_export_candidate(path))
+    ):
         raise SourceError(
-            f"--input {src} is neither a folder, a .hea/.edf, a glob nor a .csv manifest"
+            f"--input {src} is neither a folder, a record file, a glob nor a .csv manifest"
         )
 
 
 def _is_record_file(path: str) -> bool:
     low = path.lower()
     return low.endswith(".hea") or low.endswith(".edf")
+
+
+def _is_export_candidate(path: str) -> bool:
+    from ecgtok.transforms.formats import is_export_file
+
+    return is_export_file(path)
+
+
+def _confirmed_exports(paths: list[str]) -> list[str]:
+    """Export files among `paths`; `.xml` files are sniffed (other XML is not a record)."""
+    from ecgtok.transforms.formats import SNIFF_BYTES, sniff_format
+
+    def keep(path: str) -> bool:
+        if not path.lower().endswith(".xml"):
+            return True
+        try:
+            with FileSystems.open(path, mime_type="application/octet-stream") as f:
+                return sniff_format(f.read(SNIFF_BYTES), path) is not None
+        except Exception:
+            return True  # unreadable: let the read stage turn it into an error row
+
+    xml = [p for p in paths if p.lower().endswith(".xml")]
+    if not xml:
+        return sorted(paths)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        verdicts = dict(zip(xml, pool.map(keep, xml)))
+    return sorted(p for p in paths if verdicts.get(p, True))
+
+
+def _export_ref(path: str, plain_id: str, policy, extra: dict | None = None) -> RecordRef:
+    from ecgtok.transforms.formats.deid import export_record_id, public_path
+
+    rid = export_record_id(plain_id, policy, plain_id=plain_id)
+    return RecordRef(rid, path, extra or {}, public_path(path, rid, policy))
 
 
 def _list_files(root: str) -> list[str]:
@@ -112,12 +170,16 @@ def _list_files(root: str) -> list[str]:
         for folder, dirs, files in os.walk(_local(root)):
             dirs.sort()
             paths.extend(os.path.join(folder, f) for f in files)
-    return sorted(p for p in paths if _is_record_file(p) or _basename(p) == "RECORDS")
+    return sorted(
+        p
+        for p in paths
+        if _is_record_file(p) or _basename(p) == "RECORDS" or _is_export_candidate(p)
+    )
 
 
 def _glob_headers(pattern: str) -> list[str]:
     found = FileSystems.match([pattern])[0].metadata_list
-    return sorted(m.path for m in found if _is_record_file(m.path))
+    return sorted(m.path for m in found if _is_record_file(m.path) or _is_export_candidate(m.path))
 
 
 def _local(path: str) -> str:
@@ -282,20 +344,47 @@ def manifest_columns(src: str) -> list[str]:
     return [n for n in names if n != "path"]
 
 
-def discover(src: str) -> Iterator[RecordRef]:
+def _split(files: list[str]) -> tuple[list[str], list[str]]:
+    """(WFDB headers, EDF and RECORDS files) and (hospital export files)."""
+    wfdb = [f for f in files if _is_record_file(f) or _basename(f) == "RECORDS"]
+    exports = [f for f in files if f not in set(wfdb) and _is_export_candidate(f)]
+    return wfdb, exports
+
+
+def discover(src: str, deid: DeidSettings | None = None) -> Iterator[RecordRef]:
     """Yield every record of `src`, sorted by path within each kind of source."""
+    policy = (deid or DeidSettings()).policy()
     kind = source_kind(src)
     if kind == "manifest":
-        yield from _read_manifest(src)
+        for ref in _read_manifest(src):
+            if _is_export_candidate(ref.source_path):
+                yield _export_ref(ref.source_path, ref.record_id, policy, ref.extra)
+            else:
+                yield ref
         return
-    if kind == "glob":
+    if _is_record_file(src) or (kind == "folder" and _is_export_candidate(src)):
+        root = _dirname(src)
+    elif kind == "glob":
         root = _glob_root(src)
-        for path in _apply_rule(_glob_headers(src), None):
-            yield RecordRef(_relative_id(path, root), path)
-        return
-    if _is_record_file(src):
-        yield RecordRef(_relative_id(src, _dirname(src)), src)
-        return
-    root = src if is_remote(src) else _local(src)
-    for path in _apply_rule(_list_files(root), root):
+    else:
+        root = src if is_remote(src) else _local(src)
+    if kind == "glob":
+        files = _glob_headers(src)
+    elif _is_record_file(src) or _is_export_candidate(src):
+        files = [src]
+    else:
+        files = _list_files(root)
+    wfdb, exports = _split(files)
+    rule_root = None if kind == "glob" else root
+    wfdb_paths = [src] if _is_record_file(src) else _apply_rule(wfdb, rule_root)
+    for path in wfdb_paths:
         yield RecordRef(_relative_id(path, root), path)
+    for path in _confirmed_exports(exports):
+        yield _export_ref(path, _relative_export_id(path, root), policy)
+
+
+def _relative_export_id(path: str, root: str) -> str:
+    root = root.rstrip("/").rstrip(os.sep)
+    rel = path[len(root) :].lstrip("/").lstrip(os.sep) if path.startswith(root) else path
+    rel = rel.replace(os.sep, "/")
+    return rel.rsplit(".", 1)[0] if "." in rel.rsplit("/", 1)[-1] else rel

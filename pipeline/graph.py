@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import apache_beam as beam
 
+from ecgtok.pipeline.discovery import DeidSettings
 from ecgtok.pipeline.outputs import join
 from ecgtok.transforms import schemas
 from ecgtok.transforms.stages import (
@@ -39,14 +40,15 @@ class JobConfig:
     limits: RecordLimits = field(default_factory=RecordLimits)
     # Records listed by the launcher (chunked local runs); None: discover in the job.
     refs: list | None = None
+    deid: DeidSettings = field(default_factory=DeidSettings)
 
 
 def build_tokenize(p: beam.Pipeline, cfg: JobConfig):
     """discover -> read -> find beats -> tokenize -> tokens/ and errors/. Returns token rows."""
     meta = {"ecgtok_tokenizer_id": cfg.tokenizer_id}
-    refs = p | "DiscoverRecords" >> DiscoverRecords(cfg.input, cfg.refs)
+    refs = p | "DiscoverRecords" >> DiscoverRecords(cfg.input, cfg.refs, cfg.deid)
     result = refs | "TokenizeRecords" >> TokenizeRecords(
-        cfg.tokenizer_dir, cfg.segment_s, cfg.extra_columns, cfg.limits
+        cfg.tokenizer_dir, cfg.segment_s, cfg.extra_columns, cfg.limits, cfg.deid
     )
     _ = result.rows | "WriteTokenShards" >> WriteParquetFolder(
         join(cfg.output, "tokens"), schemas.token_schema(cfg.extra_columns, meta)

@@ -51,6 +51,18 @@ class EcgtokOptions(PipelineOptions):
             "--score_batch_size", type=int, default=64, help="records per inference batch"
         )
         parser.add_argument(
+            "--pseudonym_key_file",
+            default=None,
+            help="hospital exports: file (local or gs://) holding the key for patient "
+            "pseudonyms and hashed record ids; default $ECGTOK_PSEUDONYM_KEY",
+        )
+        parser.add_argument(
+            "--carry_identifiers",
+            default=False,
+            action="store_true",
+            help="hospital exports: keep names, MRNs, dates and file names (sites allowed them)",
+        )
+        parser.add_argument(
             "--resume",
             default=False,
             action="store_true",

@@ -17,7 +17,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from ecgtok.pipeline import chunks, graph, outputs, runners
-from ecgtok.pipeline.discovery import check_source, manifest_columns
+from ecgtok.pipeline.discovery import DeidSettings, check_source, manifest_columns
 from ecgtok.pipeline.options import (
     EcgtokOptions,
     default_model_dir,
@@ -64,6 +64,7 @@ def _resolve(opts: EcgtokOptions, mode: str, check_paths: bool = True) -> graph.
         segment_s=opts.segment_seconds,
         device=opts.device,
         batch_size=opts.score_batch_size,
+        deid=DeidSettings(opts.pseudonym_key_file, bool(opts.carry_identifiers)),
         limits=RecordLimits(
             isolate=opts.isolation == "process",
             timeout_s=opts.record_timeout,
@@ -257,7 +258,7 @@ def run_job(argv: list[str], mode: str = RUN, test_pipeline=None) -> JobOutcome:
     if chunk_records:
         try:
             results, discovered, skipped = chunks.run_chunks(
-                cfg.input, staged, mode, chunk_records, opts.resume, run_one
+                cfg.input, staged, mode, chunk_records, opts.resume, run_one, cfg.deid
             )
         except chunks.ResumeError as exc:
             raise UsageError(str(exc)) from exc

@@ -25,10 +25,11 @@ from ecgtok.transforms.errors import RecordError
 STAGE = "limits"
 STARTUP_TIMEOUT_S = 300.0
 _TOKENIZER = None
+_POLICY = None
 
 
-def _init_child(memory_mb: int, tokenizer_dir: str) -> None:
-    global _TOKENIZER
+def _init_child(memory_mb: int, tokenizer_dir: str, deid) -> None:
+    global _TOKENIZER, _POLICY
     if memory_mb > 0:
         import resource
 
@@ -37,6 +38,7 @@ def _init_child(memory_mb: int, tokenizer_dir: str) -> None:
     from ecgtok.models.tokenizer import Tokenizer
 
     _TOKENIZER = Tokenizer.load(tokenizer_dir)
+    _POLICY = deid.policy() if deid is not None else None
 
 
 def _ready() -> bool:
@@ -48,7 +50,8 @@ def _tokenize_in_child(source_path: str, record_id: str, segment_s: float, extra
     from ecgtok.transforms.record_tokens import tokenize_record
 
     try:
-        return "ok", tokenize_record(source_path, record_id, _TOKENIZER, segment_s, extra)
+        rows = tokenize_record(source_path, record_id, _TOKENIZER, segment_s, extra, _POLICY)
+        return "ok", rows
     except RecordError as err:
         return "error", (err.stage, err.error_type, err.message)
     except MemoryError:
@@ -58,10 +61,13 @@ def _tokenize_in_child(source_path: str, record_id: str, segment_s: float, extra
 class GuardedTokenizer:
     """Calls `tokenize_record` in a child process with a time and memory bound."""
 
-    def __init__(self, tokenizer_dir: str, timeout_s: float, memory_mb: int, work=None) -> None:
+    def __init__(
+        self, tokenizer_dir: str, timeout_s: float, memory_mb: int, work=None, deid=None
+    ) -> None:
         # `work` runs in the child; tests swap in a function that hangs or crashes.
         self._work = work or _tokenize_in_child
         self._tokenizer_dir = tokenizer_dir
+        self._deid = deid
         self._timeout_s = timeout_s
         self._memory_mb = memory_mb
         self._pool: ProcessPoolExecutor | None = None
@@ -72,7 +78,7 @@ class GuardedTokenizer:
                 max_workers=1,
                 mp_context=mp.get_context("spawn"),
                 initializer=_init_child,
-                initargs=(self._memory_mb, self._tokenizer_dir),
+                initargs=(self._memory_mb, self._tokenizer_dir, self._deid),
             )
             # Start-up (imports, tokenizer) must not eat into the first record's time.
             self._pool.submit(_ready).result(timeout=STARTUP_TIMEOUT_S)

@@ -61,6 +61,7 @@ NORM_CAP = 4.0  # cap on one lead's normalised feature, so one lead cannot outvo
 VT_REGULARITY = 0.9  # feature autocorrelation above which a flutter-like lead is VT
 VF_BUSY = 0.01  # block floor / peak of the feature above which a block is 'busy'
 REFRACTORY_S = 0.20
+CAND_MIN = 0.02  # fused-feature floor for candidate peaks (beats read ~1)
 T_WAVE_S = 0.36
 SEARCHBACK_RR = 1.66
 SUPPORT_LEVEL = 0.02  # a lead "sees" a beat at this fraction of its usual beat energy
@@ -315,13 +316,6 @@ def _supported(c: int, leads, fs_c: float) -> bool:
     return float(wc[usable & (lvl >= SUPPORT_LEVEL)].sum()) >= 0.5 * float(wc[usable].sum())
 
 
-def _median_rr(rr8: list, n_rr: int) -> float:
-    """Median of the last (up to) 8 RR intervals; robust to one long pause."""
-    v = sorted(rr8[: min(n_rr, 8)])
-    m = len(v)
-    return v[m // 2] if m % 2 else 0.5 * (v[m // 2 - 1] + v[m // 2])
-
-
 def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray:
     """Pan-Tompkins-style adaptive decision on the fused feature `f`.
 
@@ -330,7 +324,7 @@ def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray
     """
     n = f.shape[0]
     refr = int(round(REFRACTORY_S * fs_c))
-    cand, _ = sps.find_peaks(f, height=0.02, distance=max(1, refr))
+    cand, _ = sps.find_peaks(f, height=CAND_MIN, distance=max(1, refr))
     if cand.size == 0:
         return cand.astype(np.int64)
     t_wave = int(round(T_WAVE_S * fs_c))
@@ -371,7 +365,7 @@ def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray
                 tc = ts[best]
                 rr8[n_rr % 8] = tc - last_t
                 n_rr += 1
-                gap = SEARCHBACK_RR * _median_rr(rr8, n_rr)
+                gap = SEARCHBACK_RR * sum(rr8) / (n_rr if n_rr < 8 else 8)
                 beats.append(tc)
                 last_t, last_slope, last_ci = tc, sls[best], best
                 cap = 2.0 * spk if spk > 0.5 else 1.0
@@ -389,7 +383,7 @@ def _decide(f: np.ndarray, g: np.ndarray, fs_c: float, leads=None) -> np.ndarray
                 if beats:
                     rr8[n_rr % 8] = t - last_t
                     n_rr += 1
-                    gap = SEARCHBACK_RR * _median_rr(rr8, n_rr)
+                    gap = SEARCHBACK_RR * sum(rr8) / (n_rr if n_rr < 8 else 8)
                 beats.append(t)
                 last_t, last_slope, last_ci = t, sls[i], i
                 # features are normalised (beats ~1): an artefact must not deafen us

@@ -75,15 +75,17 @@ class _InMemoryReader:
         pass
 
 
-def open_any(source_path: str, record_id: str):
-    """A reader (fs, n_samples, read(start, stop), names, meta) for any supported file."""
+def open_any(source_path: str, record_id: str, policy=None):
+    """A reader (fs, n_samples, read(start, stop), names, meta) for any supported file.
+
+    `policy` (a `DeidPolicy`) de-identifies hospital exports; None: the environment's.
+    """
     from ecgtok.transforms.formats import is_export_file, read_export
     from ecgtok.transforms.formats.deid import DeidPolicy
 
     try:
         if is_export_file(source_path):
-            # The pseudonym key reaches workers through the environment, never the graph.
-            policy = DeidPolicy.from_env()
+            policy = policy or DeidPolicy.from_env()
             if source_path.lower().endswith(".ecg"):
                 from ecgtok.transforms.formats.ishne import open_ishne
 
@@ -96,9 +98,9 @@ def open_any(source_path: str, record_id: str):
         raise RecordError("read", type(exc).__name__, str(exc)) from exc
 
 
-def read_any(source_path: str, record_id: str) -> Record:
+def read_any(source_path: str, record_id: str, policy=None) -> Record:
     """The whole of a record as one `Record` (for short records and training code)."""
-    with open_any(source_path, record_id) as reader:
+    with open_any(source_path, record_id, policy) as reader:
         return _as_record(reader, reader.read(0, reader.n_samples))
 
 
@@ -201,9 +203,10 @@ def tokenize_record(
     tokenizer: Tokenizer,
     segment_s: float = DEFAULT_SEGMENT_S,
     extra: dict | None = None,
+    policy=None,
 ) -> list[dict]:
     """Open, read, find beats and tokenize one record. Raises RecordError naming the stage."""
-    with open_any(source_path, record_id) as reader:
+    with open_any(source_path, record_id, policy) as reader:
         try:
             return tokenize_reader(reader, tokenizer, segment_s, extra)
         except (RecordError, *TRANSIENT_ERRORS):

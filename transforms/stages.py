@@ -17,10 +17,8 @@ from dataclasses import dataclass
 import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from ecgtok.models.model import HEADS, row_to_example
-from ecgtok.pipeline.discovery import RecordRef, discover
+from ecgtok.pipeline.discovery import DeidSettings, RecordRef, discover
 from ecgtok.transforms.errors import TRANSIENT_ERRORS, RecordError
 from ecgtok.transforms.schemas import extra_field_names
 
@@ -64,7 +62,7 @@ def _guarded_tokenize(source_path: str, record_id: str, segment_s: float, extra:
 def error_row(ref: RecordRef, stage: str, error_type: str, message: str) -> dict:
     return {
         "record_id": ref.record_id,
-        "source_path": ref.source_path,
+        "source_path": ref.public_path,
         "stage": stage,
         "error_type": error_type,
         "message": message[:2000],
@@ -74,10 +72,13 @@ def error_row(ref: RecordRef, stage: str, error_type: str, message: str) -> dict
 class DiscoverRecords(beam.PTransform):
     """SRC -> RecordRef for every record, spread over workers."""
 
-    def __init__(self, src: str, refs: list[RecordRef] | None = None) -> None:
+    def __init__(
+        self, src: str, refs: list[RecordRef] | None = None, deid: DeidSettings | None = None
+    ) -> None:
         super().__init__()
         self._src = src
         self._refs = refs
+        self._deid = deid
 
     def expand(self, pbegin):
         counter = Metrics.counter(NAMESPACE, "records_discovered")
@@ -92,7 +93,7 @@ class DiscoverRecords(beam.PTransform):
             found = (
                 pbegin
                 | "Source" >> beam.Create([self._src])
-                | "ListRecords" >> beam.FlatMap(discover)
+                | "ListRecords" >> beam.FlatMap(discover, self._deid)
             )
         return found | "Count" >> beam.Map(count) | "Spread" >> beam.Reshuffle()
 
@@ -101,8 +102,9 @@ class _TokenizeRecordFn(beam.DoFn):
     """RecordRef -> token rows, or one error row on the `errors` output."""
 
     def __init__(
-        self, tokenizer_dir: str, segment_s: float, extra_columns: list[str], limits
+        self, tokenizer_dir: str, segment_s: float, extra_columns: list[str], limits, deid=None
     ) -> None:
+        self._deid = deid
         self._tokenizer_dir = tokenizer_dir
         self._segment_s = segment_s
         self._extra_columns = list(extra_columns)
@@ -113,6 +115,7 @@ class _TokenizeRecordFn(beam.DoFn):
         from ecgtok.transforms.isolation import GuardedTokenizer
 
         self._tokenizer = Tokenizer.load(self._tokenizer_dir)
+        self._policy = self._deid.policy() if self._deid is not None else None
         self._guard = None
         if self._limits.isolate:
             self._guard = GuardedTokenizer(
@@ -120,6 +123,7 @@ class _TokenizeRecordFn(beam.DoFn):
                 self._limits.timeout_s,
                 self._limits.memory_mb,
                 work=_guarded_tokenize,
+                deid=self._deid,
             )
         else:
             one_blas_thread()
@@ -139,7 +143,12 @@ class _TokenizeRecordFn(beam.DoFn):
                 rows = self._guard.tokenize(ref.source_path, ref.record_id, self._segment_s, extra)
             else:
                 rows = tokenize_record(
-                    ref.source_path, ref.record_id, self._tokenizer, self._segment_s, extra
+                    ref.source_path,
+                    ref.record_id,
+                    self._tokenizer,
+                    self._segment_s,
+                    extra,
+                    self._policy,
                 )
         except RecordError as err:
             yield from self._fail(ref, err.stage, err.error_type, err.message)
@@ -186,10 +195,11 @@ class TokenizeRecords(beam.PTransform):
         segment_s: float,
         extra_columns: list[str],
         limits: RecordLimits | None = None,
+        deid: DeidSettings | None = None,
     ) -> None:
         super().__init__()
         self._fn = _TokenizeRecordFn(
-            tokenizer_dir, segment_s, extra_columns, limits or RecordLimits()
+            tokenizer_dir, segment_s, extra_columns, limits or RecordLimits(), deid
         )
 
     def expand(self, refs):
@@ -207,6 +217,8 @@ def _score_key(row: dict, extra_columns: list[str]) -> tuple:
 
 
 def _to_score_row(keyed, extra_columns: list[str]) -> dict:
+    from ecgtok.models.model import HEADS
+
     (record_id, start, extra), result = keyed
     inf = result.inference
     row = {
@@ -235,7 +247,11 @@ class ScoreRecords(beam.PTransform):
         self._batch = batch
 
     def expand(self, rows):
+        # Imported here: torch and RunInference are only needed by jobs that score.
+        from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
         from ecgtok.models.handler import EcgModelHandler
+        from ecgtok.models.model import row_to_example
 
         extra = self._extra
         handler = KeyedModelHandler(EcgModelHandler(self._model_dir, self._device, self._batch))

@@ -13,7 +13,6 @@ from fractions import Fraction
 from functools import lru_cache
 
 import numpy as np
-from scipy import signal as sps
 
 WINDOW_FS = 100.0
 WINDOW_LEN = 96
@@ -24,6 +23,10 @@ BAND_HZ = (0.5, 40.0)
 
 def clean_for_windows(signal: np.ndarray, fs: float) -> np.ndarray:
     """Band-pass each lead and resample it to WINDOW_FS. Returns (n, leads) float32."""
+    # scipy.signal is imported here, not at the top: the launcher imports this module
+    # (through the tokenizer) but never filters, and scipy.signal costs ~1 s to import.
+    from scipy import signal as sps
+
     x = np.asarray(signal, dtype=np.float64)
     if x.ndim == 1:
         x = x[:, None]
@@ -41,6 +44,8 @@ def clean_for_windows(signal: np.ndarray, fs: float) -> np.ndarray:
 # exactly what `sps.butter` / `sps.resample_poly` would design on each call.
 @lru_cache(maxsize=64)
 def _band_sos(fs: float) -> np.ndarray:
+    from scipy import signal as sps
+
     high = min(BAND_HZ[1], 0.45 * fs)
     # left writable: scipy's sosfilt takes a writable memoryview (it does not write to it)
     return sps.butter(2, [BAND_HZ[0], high], btype="bandpass", fs=fs, output="sos")
@@ -49,6 +54,8 @@ def _band_sos(fs: float) -> np.ndarray:
 @lru_cache(maxsize=64)
 def _resample_fir(up: int, down: int) -> np.ndarray:
     """resample_poly's default anti-aliasing filter (Kaiser, beta 5, 10 periods each side)."""
+    from scipy import signal as sps
+
     max_rate = max(up, down)
     h = sps.firwin(2 * 10 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0))
     h.setflags(write=False)  # resample_poly copies it before scaling

@@ -97,6 +97,22 @@ class DeidPolicy:
         carry = os.environ.get(CARRY_ENV, "").strip().lower() in ("1", "true", "yes")
         return cls(key=key.encode() if key else None, carry_identifiers=carry)
 
+    @classmethod
+    def from_settings(cls, key_file: str | None, carry_identifiers: bool) -> DeidPolicy:
+        """Key read from `key_file` (local or gs://); else from the environment.
+
+        Jobs pass the key *file* through the graph, never the key, so the secret does not
+        end up in a runner's job description.
+        """
+        env = cls.from_env()
+        key = env.key
+        if key_file:
+            from apache_beam.io.filesystems import FileSystems
+
+            with FileSystems.open(key_file, mime_type="application/octet-stream") as f:
+                key = f.read().strip() or None
+        return cls(key=key, carry_identifiers=carry_identifiers or env.carry_identifiers)
+
     def _mac(self, domain: str, value: str) -> str:
         assert self.key is not None
         return hmac.new(self.key, f"{domain}\0{value}".encode(), hashlib.sha256).hexdigest()
