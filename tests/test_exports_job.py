@@ -9,8 +9,9 @@ import os
 import pyarrow.parquet as pq
 import pytest
 from conftest import data_path
-from ecgtok.pipeline.cli import main as cli
 from test_formats import IDENTIFIERS
+
+from ecgtok.pipeline.cli import main as cli
 
 
 def _all_output_text(dst: str) -> str:
