@@ -4,8 +4,10 @@
     ecgtok tokenize  --input SRC --output DST [--tokenizer DIR] [--overwrite] [Beam options]
     ecgtok score     --input TOKENS --output DST [--model DIR] [--overwrite] [Beam options]
     ecgtok demo      [--output DIR] [--overwrite]
+    ecgtok nightly   --cohort COHORT.csv --date YYYY-MM-DD --store DIR [Beam options]
     ecgtok eval-beats --input DB [--annotator atr] [--window 0.15]
     ecgtok fit-tokenizer --input SRC --output DIR [--vocab-size K]
+    ecgtok fidelity  --input SRC [--tokenizer DIR]
     ecgtok pretrain / finetune  (see `ecgtok pretrain --help`)
 
 User mistakes print one line on stderr and exit non-zero: 2 a bad option or value, 3 an
@@ -91,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NO_GCE_CHECK", "true")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(__doc__)
+        print(__doc__.split("\n\n", 1)[1])
         return 0 if argv else 2
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -123,7 +125,7 @@ def _dispatch(command: str, rest: list[str]) -> int:
         from ecgtok.pipeline.eval_beats import main as eval_main
 
         return eval_main(rest)
-    if command in ("fit-tokenizer", "pretrain", "finetune"):
+    if command in ("fit-tokenizer", "fidelity", "pretrain", "finetune"):
         from ecgtok.models import train
 
         return train.main(command, rest)
