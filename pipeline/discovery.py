@@ -362,21 +362,19 @@ def discover(src: str, deid: DeidSettings | None = None) -> Iterator[RecordRef]:
             else:
                 yield ref
         return
-    if _is_record_file(src) or (kind == "folder" and _is_export_candidate(src)):
-        root = _dirname(src)
-    elif kind == "glob":
-        root = _glob_root(src)
+    single = kind == "folder" and (_is_record_file(src) or _is_export_candidate(src))
+    if kind == "glob":
+        root, files = _glob_root(src), _glob_headers(src)
+    elif single:
+        root, files = _dirname(src), [src]
     else:
         root = src if is_remote(src) else _local(src)
-    if kind == "glob":
-        files = _glob_headers(src)
-    elif _is_record_file(src) or _is_export_candidate(src):
-        files = [src]
-    else:
         files = _list_files(root)
     wfdb, exports = _split(files)
-    rule_root = None if kind == "glob" else root
-    wfdb_paths = [src] if _is_record_file(src) else _apply_rule(wfdb, rule_root)
+    if single:
+        wfdb_paths = wfdb
+    else:
+        wfdb_paths = _apply_rule(wfdb, None if kind == "glob" else root)
     for path in wfdb_paths:
         yield RecordRef(_relative_id(path, root), path)
     for path in _confirmed_exports(exports):

@@ -171,3 +171,19 @@ def test_mutation_helper_changes_bytes(n):
     data = b"100 2 360 650000\n100.dat 212 200 11 1024 995 -22131 0 MLII\n"
     out = _mutate(data, 3, n)
     assert (out == data) == (n == 0)
+
+
+def test_regression_header_with_a_dash_for_a_number_is_a_clean_error():
+    # Found by the fuzzer: int('-') escaped as a ValueError.
+    with pytest.raises(RecordError) as info:
+        parse_header(b"rec 1 250 1000\nrec.dat 16 200 16 - 0 0 0 II\n")
+    assert info.value.error_type == "bad_header"
+
+
+def test_regression_xml_with_an_unknown_encoding_is_a_clean_error():
+    # Found by the fuzzer: a mutated encoding name escaped as a LookupError.
+    from ecgtok.transforms.formats import read_export_bytes
+
+    data = b'<?xml version="1.0" encoding="Ytf-16"?><restingecgdata></restingecgdata>'
+    with pytest.raises(RecordError):
+        read_export_bytes(data, "x.xml", "r")

@@ -98,7 +98,12 @@ def _bad(message: str) -> RecordError:
 
 
 def _int(value: str, default: int | None) -> int | None:
-    return int(value) if value else default
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise _bad(f"header field {value[:20]!r} is not an integer") from None
 
 
 def parse_header(raw: bytes | str, where: str = "header") -> Header:
@@ -214,7 +219,7 @@ def parse_header(raw: bytes | str, where: str = "header") -> Header:
                 skew=_int(skew, 0),
                 byte_offset=_int(byte_offset, 0),
                 gain=gain_f,
-                baseline=int(baseline) if baseline else _int(adc_zero, 0),
+                baseline=_int(baseline, None) if baseline else _int(adc_zero, 0),
                 units=units or "mV",
                 adc_res=_int(adc_res, 0),
                 adc_zero=_int(adc_zero, 0),

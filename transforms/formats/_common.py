@@ -66,6 +66,8 @@ def parse_xml(data: bytes, what: str) -> ET.Element:
         ) from None
     except DefusedXmlException:
         raise fail("bad_xml", f"{what} file declares XML entities, which are refused") from None
+    except (LookupError, ValueError, UnicodeError):  # e.g. an unknown declared encoding
+        raise fail("bad_xml", f"{what} file declares an encoding that cannot be read") from None
     if root is None:
         raise fail("bad_xml", f"{what} file holds no XML element")
     return root
