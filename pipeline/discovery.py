@@ -371,10 +371,7 @@ def discover(src: str, deid: DeidSettings | None = None) -> Iterator[RecordRef]:
         root = src if is_remote(src) else _local(src)
         files = _list_files(root)
     wfdb, exports = _split(files)
-    if single:
-        wfdb_paths = wfdb
-    else:
-        wfdb_paths = _apply_rule(wfdb, None if kind == "glob" else root)
+    wfdb_paths = wfdb if single else _apply_rule(wfdb, None if kind == "glob" else root)
     for path in wfdb_paths:
         yield RecordRef(_relative_id(path, root), path)
     for path in _confirmed_exports(exports):
