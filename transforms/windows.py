@@ -31,7 +31,8 @@ def clean_for_windows(signal: np.ndarray, fs: float) -> np.ndarray:
     if x.ndim == 1:
         x = x[:, None]
     sos = _band_sos(float(fs))
-    if x.shape[0] > 3 * 2 * sos.shape[0]:
+    # sosfiltfilt's default padding needs more than 3 * (2 * sections + 1) samples.
+    if x.shape[0] > 3 * (2 * sos.shape[0] + 1):
         x = sps.sosfiltfilt(sos, x, axis=0)
     up, down = _rational(WINDOW_FS / fs)
     if (up, down) != (1, 1):

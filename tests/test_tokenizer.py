@@ -1,0 +1,192 @@
+"""The heartbeat tokenizer: artifact integrity, decoding, fitting determinism, real records."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import copy_record, data_path
+from ecgtok.models import tokenizer as T
+from ecgtok.models.tokenizer import ArtifactError, Tokenizer, build_sentence, tokenizer_meta
+from ecgtok.pipeline.options import default_tokenizer_dir
+
+
+def _small_tokenizer(k: int = 8, seed: int = 0) -> Tokenizer:
+    rng = np.random.default_rng(seed)
+    return Tokenizer(rng.normal(size=(k, 96)).astype(np.float32), tokenizer_meta(k, seed, 100, "t"))
+
+
+def test_save_load_round_trip(tmp_path):
+    tok = _small_tokenizer()
+    tid = tok.save(str(tmp_path))
+    back = Tokenizer.load(str(tmp_path))
+    assert back.tokenizer_id == tid
+    np.testing.assert_array_equal(back.codebook, tok.codebook)
+    assert back.vocab_size == T.N_SPECIAL + T.N_RHYTHM + 8
+    assert back.view == T.DEFAULT_VIEW
+
+
+def test_tampered_codebook_refused(tmp_path):
+    _small_tokenizer().save(str(tmp_path))
+    path = tmp_path / T.CODEBOOK_FILE
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="content check"):
+        Tokenizer.load(str(tmp_path))
+
+
+def test_tampered_meta_refused(tmp_path):
+    _small_tokenizer().save(str(tmp_path))
+    path = tmp_path / T.META_FILE
+    meta = json.loads(path.read_text())
+    meta["lowpass_hz"] = 40.0
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError):
+        Tokenizer.load(str(tmp_path))
+
+
+def test_missing_artifact_refused(tmp_path):
+    with pytest.raises(ArtifactError):
+        Tokenizer.load(str(tmp_path / "nowhere"))
+
+
+def test_decode_returns_centroids_and_zeros_for_specials():
+    tok = _small_tokenizer()
+    ids = np.array([[tok.morph_offset + 3, T.UNK, tok.morph_offset + 7, T.PAD]])
+    dec = tok.decode(ids)
+    assert dec.shape == (1, 4, 96)
+    np.testing.assert_array_equal(dec[0, 0], tok.codebook[3])
+    np.testing.assert_array_equal(dec[0, 2], tok.codebook[7])
+    assert not dec[0, 1].any() and not dec[0, 3].any()
+
+
+def test_assign_is_nearest_centroid_and_encode_marks_noisy_beats_unknown():
+    tok = _small_tokenizer()
+    beats = tok.codebook[[5, 2, 2]] + 0.01
+    np.testing.assert_array_equal(tok.assign(beats), [5, 2, 2])
+    words = tok.encode_windows(beats[:, None, :], noisy=np.array([False, True, False]))
+    assert words.tolist() == [[tok.morph_offset + 5, T.UNK, tok.morph_offset + 2]]
+
+
+def test_sentence_layout_is_lead_major():
+    words = np.array([[30, 31, 32], [40, 41, 42]])
+    rhythm = np.array([5, 9, 9])
+    sent, lead, beat = build_sentence(words, rhythm)
+    assert sent.tolist() == [T.CLS, 5, 9, 9, T.SEP, 30, 31, 32, T.SEP, 40, 41, 42, T.SEP]
+    assert lead.tolist()[5:8] == [0, 0, 0] and lead.tolist()[9:12] == [1, 1, 1]
+    assert beat.tolist()[9:12] == [0, 1, 2]
+
+
+def test_rhythm_words_follow_rr_bins():
+    fs = 250.0
+    r = np.array([0, 250, 375, 875])  # RR 1.0 s, 0.5 s, 2.0 s
+    words = Tokenizer.rhythm_words(r, fs)
+    assert words[0] == T.N_SPECIAL
+    assert words[3] > words[1] > words[2]
+
+
+def test_beat_view_windows_have_unit_energy_and_r_near_centre():
+    fs = 360.0
+    t = np.arange(int(20 * fs)) / fs
+    sig = np.zeros_like(t)
+    r = (np.arange(1, 19) * fs).astype(int)
+    for k in r:
+        sig += 1.5 * np.exp(-(((t - k / fs) / 0.012) ** 2))
+    wins = T.beat_view(sig[:, None], fs, r, T.DEFAULT_VIEW)
+    assert wins.shape == (len(r), 1, 96)
+    np.testing.assert_allclose(np.linalg.norm(wins, axis=2), 1.0, rtol=1e-4)
+    assert np.abs(np.argmax(np.abs(wins[:, 0]), axis=1) - T.W.R_INDEX).max() <= 1
+
+
+# ---- the shipped tokenizer on real records ------------------------------------------------
+def test_shipped_tokenizer_loads_with_its_settings():
+    tok = Tokenizer.load(default_tokenizer_dir())
+    assert tok.codebook.shape[1] == 96
+    assert tok.codebook.shape[0] >= 256
+    assert tok.view["beat_norm"] == "l2"
+    assert tok.meta["holdout_fraction"] > 0
+
+
+@pytest.mark.parametrize(
+    "sub,record",
+    [("cinc2021_12lead", "G12EC/E00001"), ("cinc2017_af", "A00004"), ("mitdb", "201")],
+)
+def test_tokens_aligned_with_r_peaks_on_real_records(sub, record):
+    from ecgtok.transforms.record_tokens import tokenize_record
+
+    hea = data_path(sub, record + ".hea")
+    tok = Tokenizer.load(default_tokenizer_dir())
+    rows = tokenize_record(hea, record, tok)
+    assert rows
+    for row in rows:
+        n = len(row["r_peaks"])
+        assert n > 5
+        assert len(row["tokens"]) == len(row["lead_names"])
+        for lead_words in row["tokens"]:
+            assert len(lead_words) == n
+            w = np.asarray(lead_words)
+            assert np.all((w == T.UNK) | ((w >= tok.morph_offset) & (w < tok.vocab_size)))
+        assert len(row["rhythm"]) == n
+        assert row["tokenizer_id"] == tok.tokenizer_id
+
+
+def test_decoded_words_resemble_real_beats():
+    """The words of a clean 12-lead record reconstruct its beats (Pearson r)."""
+    from ecgtok.transforms.record_tokens import find_beats
+    from ecgtok.transforms.wfdb_reader import read_record
+
+    hea = data_path("cinc2021_12lead", "G12EC", "E00002.hea")
+    tok = Tokenizer.load(default_tokenizer_dir())
+    rec = read_record(hea, "E00002")
+    r_peaks, _ = find_beats(rec)
+    wins = tok.beat_windows(rec.signal, rec.fs, r_peaks)
+    x = wins.reshape(-1, 96)
+    dec = tok.decode(tok.assign(x) + tok.morph_offset)
+    r = T.pearson_r(x, dec)
+    assert np.nanmedian(r) > 0.9
+    # A random word is a much worse reconstruction than the assigned one.
+    rng = np.random.default_rng(0)
+    rand = tok.codebook[rng.integers(0, tok.codebook.shape[0], size=len(x))]
+    assert np.nanmedian(T.pearson_r(x, rand)) < np.nanmedian(r) - 0.2
+
+
+@pytest.mark.slow
+def test_fit_is_deterministic_on_real_records(tmp_path):
+    from ecgtok.models.train import main
+
+    src = tmp_path / "src"
+    for name in ("A00001", "A00004", "A00005"):
+        copy_record(data_path("cinc2017_af", name + ".hea"), str(src))
+    ids = []
+    for i in range(2):
+        out = tmp_path / f"tok{i}"
+        assert main("fit-tokenizer", ["--input", str(src), "--output", str(out), "--vocab-size", "16"]) == 0
+        ids.append(Tokenizer.load(str(out)).tokenizer_id)
+        assert not os.path.exists(out / "_beat_sample.npy")
+    assert ids[0] == ids[1]
+    out = tmp_path / "tok_seed1"
+    main("fit-tokenizer", ["--input", str(src), "--output", str(out), "--vocab-size", "16", "--seed", "1"])
+    assert Tokenizer.load(str(out)).tokenizer_id != ids[0]
+
+
+@pytest.mark.slow
+def test_fidelity_prints_one_json_object(tmp_path, capsys):
+    from ecgtok.models.train import main
+
+    src = tmp_path / "src"
+    for name in ("E00001", "E00002"):
+        copy_record(data_path("cinc2021_12lead", "G12EC", name + ".hea"), str(src))
+    assert main("fidelity", ["--input", str(src), "--workers", "1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    res = json.loads(out[0])
+    for key in ("median_r", "p10_r", "prd_median", "codes_used_fraction", "perplexity", "n_beats"):
+        assert key in res
+    assert res["n_beats"] > 100
+    assert 0.85 < res["median_r"] <= 1.0
+    assert res["p10_r"] <= res["median_r"]
+    assert 0 < res["codes_used_fraction"] <= 1
+    assert res["rhythm_rr_rel_error_median"] < 0.1
