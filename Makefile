@@ -36,8 +36,14 @@ test: lint
 test-fast: venv
 	ECGTOK_DATA=$(DATA) $(BIN)/python -m pytest -q -m "not slow and not benchmark"
 
+## Speed programs (each prints ecgtok beside its baseline, in one run). Minutes, not seconds.
 bench: venv
-	$(BIN)/python benchmarks/bench_beats.py --data $(DATA)/mitdb
+	$(BIN)/python benchmarks/bench_read.py --data $(DATA)/cinc2021_12lead
+	$(BIN)/python benchmarks/bench_beats.py --data $(DATA)/mitdb --skip-xqrs
+	$(BIN)/python benchmarks/bench_e2e.py
+	$(BIN)/python benchmarks/bench_score.py
+	$(BIN)/python benchmarks/bench_formats.py --data $(DATA)/formats
+	$(BIN)/python benchmarks/bench_scaling.py
 
 clean:
 	rm -rf demo_out demo_archive build *.egg-info .pytest_cache .ruff_cache
