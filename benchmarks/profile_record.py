@@ -141,8 +141,9 @@ def guard_cost(paths: list[str], tok_dir: str, tok) -> tuple[float, float]:
     """(seconds per record through GuardedTokenizer, seconds per record in process)."""
     from ecgtok.transforms.isolation import GuardedTokenizer
     from ecgtok.transforms.record_tokens import tokenize_record
+    from ecgtok.transforms.stages import _guarded_tokenize
 
-    g = GuardedTokenizer(tok_dir, 300.0, 6144)
+    g = GuardedTokenizer(tok_dir, 300.0, 6144, work=_guarded_tokenize)  # as the pipeline
     try:
         g.tokenize(paths[0], "warm", 300.0, {})  # start the child
         t = time.perf_counter()

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 from conftest import copy_record, data_path
+
 from ecgtok.models import tokenizer as T
 from ecgtok.models.tokenizer import ArtifactError, Tokenizer, build_sentence, tokenizer_meta
 from ecgtok.pipeline.options import default_tokenizer_dir
@@ -163,12 +164,18 @@ def test_fit_is_deterministic_on_real_records(tmp_path):
     ids = []
     for i in range(2):
         out = tmp_path / f"tok{i}"
-        assert main("fit-tokenizer", ["--input", str(src), "--output", str(out), "--vocab-size", "16"]) == 0
+        assert (
+            main("fit-tokenizer", ["--input", str(src), "--output", str(out), "--vocab-size", "16"])
+            == 0
+        )
         ids.append(Tokenizer.load(str(out)).tokenizer_id)
         assert not os.path.exists(out / "_beat_sample.npy")
     assert ids[0] == ids[1]
     out = tmp_path / "tok_seed1"
-    main("fit-tokenizer", ["--input", str(src), "--output", str(out), "--vocab-size", "16", "--seed", "1"])
+    main(
+        "fit-tokenizer",
+        ["--input", str(src), "--output", str(out), "--vocab-size", "16", "--seed", "1"],
+    )
     assert Tokenizer.load(str(out)).tokenizer_id != ids[0]
 
 

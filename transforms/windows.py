@@ -141,7 +141,15 @@ def beat_windows(clean: np.ndarray, r_peaks_window_fs: np.ndarray) -> np.ndarray
     keep = inside & (idx >= prev_mid[:, None]) & (idx < next_mid[:, None])
     w = clean[np.clip(idx, 0, n - 1)]  # (beats, L, leads)
     w = np.transpose(w, (0, 2, 1))  # (beats, leads, L)
-    base = np.median(np.where(keep[:, None, :], w, np.nan), axis=2, keepdims=True)
+    if np.issubdtype(w.dtype, np.floating):
+        # The median of a window with any masked sample is NaN (np.median, not nanmedian),
+        # so its base is 0: only whole windows need a median.
+        whole = keep.all(axis=1)
+        base = np.full((r.size, leads, 1), np.nan, dtype=w.dtype)
+        if whole.any():
+            base[whole] = np.median(w[whole], axis=2, keepdims=True)
+    else:
+        base = np.median(np.where(keep[:, None, :], w, np.nan), axis=2, keepdims=True)
     base = np.nan_to_num(base, nan=0.0)
     w = np.where(keep[:, None, :], w - base, 0.0)
     return w.astype(np.float32)

@@ -1,0 +1,228 @@
+"""The scoring model: artifact integrity, inputs, RunInference, and the shipped model on real AF."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import data_path
+
+from ecgtok.models import labels as L
+from ecgtok.models.model import (
+    HEADS,
+    EcgLM,
+    collate,
+    load_model,
+    row_to_example,
+    rr_features,
+    save_model,
+)
+from ecgtok.models.tokenizer import ArtifactError, Tokenizer
+from ecgtok.pipeline.options import default_model_dir, default_tokenizer_dir
+
+
+def _tiny_model(vocab: int = 40) -> tuple[EcgLM, dict]:
+    torch.manual_seed(0)
+    arch = {"vocab_size": vocab, "d_model": 16, "n_layers": 1, "n_heads": 2, "rr_features": 6}
+    return EcgLM(**arch), {"arch": arch, "tokenizer_id": "0123456789abcdef"}
+
+
+def _row(n_beats: int = 12, leads=("I", "II"), fs: float = 500.0, rr_s: float = 0.8, rng=None):
+    rng = rng or np.random.default_rng(0)
+    rr = np.full(n_beats - 1, rr_s) if rng is None else rr_s * (1 + 0.0 * rng.random(n_beats - 1))
+    r = np.concatenate([[100], 100 + np.cumsum(rr * fs)]).astype(int)
+    return {
+        "record_id": "x",
+        "start_sample": 0,
+        "fs": fs,
+        "lead_names": list(leads),
+        "r_peaks": r.tolist(),
+        "tokens": rng.integers(22, 40, size=(len(leads), n_beats)).tolist(),
+        "rhythm": Tokenizer.rhythm_words(r, fs).tolist(),
+        "tokenizer_id": "0123456789abcdef",
+    }
+
+
+def test_save_load_round_trip_gives_same_outputs(tmp_path):
+    model, config = _tiny_model()
+    mid = save_model(model, config, str(tmp_path))
+    back, cfg = load_model(str(tmp_path))
+    assert cfg["model_id"] == mid
+    b = collate([row_to_example(_row()), row_to_example(_row(7, ("V1",)))])
+    model.eval()
+    with torch.inference_mode():
+        a, c = model(**b), back(**b)
+    for h in (*HEADS, "embedding"):
+        torch.testing.assert_close(a[h], c[h])
+
+
+def test_tampered_weights_refused(tmp_path):
+    model, config = _tiny_model()
+    save_model(model, config, str(tmp_path))
+    path = tmp_path / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="content check"):
+        load_model(str(tmp_path))
+
+
+def test_tampered_config_refused(tmp_path):
+    model, config = _tiny_model()
+    save_model(model, config, str(tmp_path))
+    path = tmp_path / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["tokenizer_id"] = "ffffffffffffffff"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError):
+        load_model(str(tmp_path))
+
+
+def test_collate_pads_leads_and_beats():
+    b = collate([row_to_example(_row(12, ("I", "II", "V1"))), row_to_example(_row(5, ("II",)))])
+    assert b["words"].shape == (2, 3, 12)
+    assert b["rr"].shape == (2, 12, 6)
+    assert (b["rhythm"][1, 5:] == 0).all() and (b["leads"][1, 1:] == -1).all()
+    assert (b["rr"][1, 5:] == 0).all()
+
+
+def test_padding_does_not_change_a_records_scores():
+    model, _ = _tiny_model()
+    model.eval()
+    a = row_to_example(_row(12))
+    with torch.inference_mode():
+        alone = model(**collate([a]))["p_af"][0]
+        padded = model(**collate([a, row_to_example(_row(30, ("I", "II", "III")))]))["p_af"][0]
+    torch.testing.assert_close(alone, padded, atol=1e-5, rtol=1e-4)
+
+
+def test_rr_features_see_irregularity():
+    fs = 300.0
+    rng = np.random.default_rng(1)
+    regular = np.cumsum(np.full(40, 0.8 * fs)).astype(int)
+    irregular = np.cumsum(rng.uniform(0.4, 1.2, 40) * fs).astype(int)
+    fr, fi = rr_features(regular, fs), rr_features(irregular, fs)
+    assert fr.shape == (40, 6)
+    assert abs(fr[:, 3]).max() < 1e-6 and fi[:, 3].mean() > 0.5
+    # Rate-independent: the same beats at another sampling rate give the same features.
+    np.testing.assert_allclose(rr_features(regular * 2, 2 * fs), fr, atol=1e-6)
+    assert rr_features([5], fs).shape == (1, 6)
+
+
+def test_handler_refuses_rows_of_another_tokenizer():
+    from ecgtok.models.handler import check_tokenizer
+
+    ex = row_to_example(_row())
+    check_tokenizer([ex], "0123456789abcdef")
+    with pytest.raises(ArtifactError, match="tokenizer"):
+        check_tokenizer([ex], "fedcba9876543210")
+
+
+# ---- labels ----------------------------------------------------------------------------------
+def test_label_builders_on_shared_data(tmp_path):
+    root = os.path.dirname(data_path("mitdb", "201.hea"))
+    rows = L.build_labels(os.path.dirname(root))
+    by = {(r["source"], r["record_id"], r["start_sample"]): r for r in rows}
+    with open(data_path("cinc2017_af", "REFERENCE.csv")) as f:
+        ref = dict(csv.reader(f))
+    for rec, lab in list(ref.items())[:50]:
+        r = by[("cinc2017", rec, "")]
+        assert r["p_af"] == float(lab == "A") and r["p_noisy"] == float(lab == "~")
+    # MIT-BIH 201 starts in AF; 100 never has AF; every segment of a record in one split.
+    assert by[("mitdb", "201", 0)]["p_af"] > 0.9
+    assert all(r["p_af"] == 0 for r in rows if r["source"] == "mitdb" and r["record_id"] == "100")
+    splits = {}
+    for r in rows:
+        splits.setdefault((r["source"], r["record_id"]), set()).add(r["split"])
+    assert all(len(s) == 1 for s in splits.values())
+    n_test = sum(s == {"test"} for s in splits.values())
+    assert 0.1 < n_test / len(splits) < 0.3
+    af21 = [r for r in rows if r["source"] == "cinc2021" and r["p_af"] == 1.0]
+    assert len(af21) >= 5
+    out = tmp_path / "labels.csv"
+    L.write_labels(rows, str(out))
+    from ecgtok.models.train import read_labels
+
+    assert len(read_labels(str(out), HEADS, "test")) == sum(r["split"] == "test" for r in rows)
+
+
+# ---- the shipped model -------------------------------------------------------------------------
+def _test_split_cinc2017(n: int):
+    """The first n AF and n normal CinC 2017 records of the label 'test' split."""
+    with open(data_path("cinc2017_af", "REFERENCE.csv")) as f:
+        ref = list(csv.reader(f))
+    af = [r for r, lab in ref if lab == "A" and L.split_of("cinc2017", r) == "test"][:n]
+    normal = [r for r, lab in ref if lab == "N" and L.split_of("cinc2017", r) == "test"][:n]
+    return af, normal
+
+
+def _score_records(names, model, tok):
+    from ecgtok.transforms.record_tokens import tokenize_record
+
+    rows = []
+    for name in names:
+        rows += tokenize_record(data_path("cinc2017_af", name + ".hea"), name, tok)
+    with torch.inference_mode():
+        return model(**collate([row_to_example(r) for r in rows]))["p_af"].numpy()
+
+
+def test_shipped_model_matches_shipped_tokenizer():
+    _, cfg = load_model(default_model_dir())
+    assert cfg["tokenizer_id"] == Tokenizer.load(default_tokenizer_dir()).tokenizer_id
+    assert cfg["stage"] == "finetuned" and cfg["finetune"]["split"] == "train"
+    assert 0 < cfg["p_af_threshold"] < 1
+
+
+def test_shipped_model_scores_af_above_normal_on_unseen_records():
+    """CinC 2017 records of the test split (never fine-tuned on): AF scores above normal."""
+    from sklearn.metrics import roc_auc_score
+
+    af, normal = _test_split_cinc2017(12)
+    assert len(af) >= 8 and len(normal) >= 8
+    model, _ = load_model(default_model_dir())
+    tok = Tokenizer.load(default_tokenizer_dir())
+    p_af, p_n = _score_records(af, model, tok), _score_records(normal, model, tok)
+    assert np.median(p_af) > np.median(p_n)
+    y = np.r_[np.ones(len(p_af)), np.zeros(len(p_n))]
+    assert roc_auc_score(y, np.r_[p_af, p_n]) >= 0.85
+
+
+@pytest.mark.slow
+def test_run_inference_through_the_handler_matches_plain_torch():
+    import apache_beam as beam
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+    from apache_beam.testing.util import assert_that
+
+    from ecgtok.models.handler import EcgModelHandler
+    from ecgtok.transforms.record_tokens import tokenize_record
+
+    tok = Tokenizer.load(default_tokenizer_dir())
+    rows = []
+    for name in ("A00001", "A00004", "A00005"):
+        rows += tokenize_record(data_path("cinc2017_af", name + ".hea"), name, tok)
+    model, cfg = load_model(default_model_dir())
+    with torch.inference_mode():
+        want = {
+            r["record_id"]: float(model(**collate([row_to_example(r)]))["p_af"][0]) for r in rows
+        }
+
+    def check(results):
+        got = {k: float(res.inference["p_af"]) for k, res in results}
+        assert got.keys() == want.keys()
+        for k in want:
+            assert abs(got[k] - want[k]) < 1e-5
+        assert {res.model_id for _, res in results} == {cfg["model_id"]}
+        assert all(len(res.inference["embedding"]) == cfg["arch"]["d_model"] for _, res in results)
+
+    handler = KeyedModelHandler(EcgModelHandler(default_model_dir(), "cpu", max_batch_size=2))
+    with beam.Pipeline() as p:
+        out = (
+            p
+            | beam.Create([(r["record_id"], row_to_example(r)) for r in rows])
+            | RunInference(handler)
+        )
+        assert_that(out, check)
