@@ -43,13 +43,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_e2e import (  # noqa: E402
     DEFAULT_DIR,
-    ECGTOK,
     PY,
     count_samples,
     load_line,
     machine,
     run_baseline,
-    run_measured,
+    run_ecgtok,
 )
 
 BENCH_ROOT = "/tmp/ecgtok_bench"
@@ -117,11 +116,8 @@ def bench_count(a) -> None:
     for n in sizes:
         src = make_archive(n, a.src, a.copy)
         dst = os.path.join(BENCH_ROOT, "out", f"scale_{n}")
-        r = run_measured(
-            [ECGTOK, "tokenize", "--input", src, "--output", dst, "--overwrite", *extra]
-        )
-        with open(os.path.join(dst, "summary.json")) as f:
-            s = json.load(f)
+        r = run_ecgtok("tokenize", src, dst, extra, n, 0)
+        s = r["summary"]
         if s.get("discovered") != n or s.get("tokenized", 0) + s.get("failed", 0) != n:
             print(
                 f"  !! summary: discovered {s.get('discovered')} tokenized "
@@ -241,17 +237,7 @@ def bench_length(a) -> None:
         )
         if not a.no_pipeline:
             dst = os.path.join(BENCH_ROOT, "out", f"length_{label}")
-            e = run_measured(
-                [
-                    ECGTOK,
-                    "tokenize",
-                    "--input",
-                    os.path.dirname(hea),
-                    "--output",
-                    dst,
-                    "--overwrite",
-                ]
-            )
+            e = run_ecgtok("tokenize", os.path.dirname(hea), dst, [], 1, 0)
             line += f"{e['wall']:>13.2f}{e['peak_rss'] / 2**20:>13.0f}"
             shutil.rmtree(dst, ignore_errors=True)
         print(line + (f"   (made in {made:.0f} s)" if made > 1 else ""))

@@ -141,9 +141,8 @@ def guard_cost(paths: list[str], tok_dir: str, tok) -> tuple[float, float]:
     """(seconds per record through GuardedTokenizer, seconds per record in process)."""
     from ecgtok.transforms.isolation import GuardedTokenizer
     from ecgtok.transforms.record_tokens import tokenize_record
-    from ecgtok.transforms.stages import _guarded_tokenize
 
-    g = GuardedTokenizer(tok_dir, 300.0, 6144, work=_guarded_tokenize)  # as the pipeline
+    g = GuardedTokenizer(tok_dir, 300.0, 6144)
     try:
         g.tokenize(paths[0], "warm", 300.0, {})  # start the child
         t = time.perf_counter()
@@ -210,7 +209,8 @@ def main() -> None:
     ap.add_argument(
         "--blas-default",
         action="store_true",
-        help="leave OpenBLAS at its default threads (the pipeline limits it to 1)",
+        help="leave OpenBLAS at its default threads in this process (tokenize_record limits "
+        "it to 1; the guarded child still does)",
     )
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--limit", type=int, default=0, help="only the first N records")
@@ -225,10 +225,12 @@ def main() -> None:
         paths = paths[: a.limit]
     tok_dir = default_tokenizer_dir()
     tok = Tokenizer.load(tok_dir)
-    if not a.blas_default:
-        from ecgtok.transforms.stages import one_blas_thread
+    from ecgtok.transforms import record_tokens
 
-        one_blas_thread()  # as the pipeline's workers do
+    if a.blas_default:
+        record_tokens._BLAS_LIMIT = False  # tokenize_record then leaves OpenBLAS alone
+    else:
+        record_tokens.one_blas_thread()  # as tokenize_record does in every worker
     schema = token_schema()
 
     runs = [stage_times(paths, tok, schema) for _ in range(max(1, a.repeats))]

@@ -29,7 +29,7 @@ HEADS = ("p_af", "p_noisy", "p_other_rhythm")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MAX_BEATS = 512
-N_RR_FEATURES = 6
+N_RR_FEATURES = 8
 
 
 class EcgLM(nn.Module):
@@ -85,7 +85,7 @@ class EcgLM(nn.Module):
         if self.rr is not None:
             if rr is None:
                 rr = torch.zeros(rhythm.shape + (self.rr_features,), device=words.device)
-            x = x + self.rr(rr)
+            x = x + self.rr(rr[..., : self.rr_features])  # older models read fewer
         # A record with no beats would mask every position, and attention over nothing is
         # NaN; let it attend to its (empty) first position so it still gets a finite score.
         attend = beat_mask.clone()
@@ -120,7 +120,8 @@ def rr_features(r_peaks, fs: float) -> np.ndarray:
 
     log RR before and after the beat, both relative to the record's median RR, the log
     ratio of successive RRs, a local irregularity (mean |successive log ratio| over 9
-    beats) and the record's irregularity (median of the same). Units cancel, so the
+    beats) and the record's irregularity (median of the same), and how often successive
+    RRs change by more than 10% (over 9 beats, and over the row). Units cancel, so the
     rate of the recording does not matter. Missing intervals (first/last beat) are 0.
     """
     r = np.asarray(r_peaks, dtype=np.float64)
@@ -147,6 +148,10 @@ def rr_features(r_peaks, fs: float) -> np.ndarray:
     out[:, 3] = local * 4.0
     out[:, 4] = glob * 4.0
     out[:, 5] = med
+    # Robust to single ectopic beats: how often successive RRs change by more than 10%.
+    big = (absr > 0.1).astype(np.float64) * valid
+    out[:, 6] = _window_sum(big, 4) / np.maximum(_window_sum(valid, 4), 1.0)
+    out[:, 7] = big.sum() / max(valid.sum(), 1.0)
     return out
 
 
@@ -263,3 +268,18 @@ def pick_device(requested: str) -> str:
     if r in ("auto", "gpu", "cuda"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return "cpu"
+
+
+def check_model_tokenizer(config: dict, tokenizer_id: str) -> None:
+    """Raise ArtifactError unless a model (its config) reads this tokenizer's words.
+
+    Meant for a job's start, before any record is read: `ecgtok run` with the tokenizer
+    it tokenizes with, `ecgtok score` with the `tokenizer_id` of the token shards.
+    """
+    want = config.get("tokenizer_id")
+    if want and tokenizer_id and want != tokenizer_id:
+        raise ArtifactError(
+            f"model {config.get('model_id')} reads tokenizer {want}, but the tokens come from "
+            f"tokenizer {tokenizer_id}: use that model's tokenizer, or a model trained on "
+            "these tokens"
+        )

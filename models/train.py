@@ -157,7 +157,8 @@ def _portable(path: str) -> str:
 
     if "://" in path or not os.path.isabs(path):
         return path
-    return os.path.relpath(path)
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 # ---- fidelity ----------------------------------------------------------------------------
@@ -459,13 +460,21 @@ def labelled(rows: list[dict], labels: dict) -> list[tuple[dict, dict]]:
 
 
 def finetune(
-    model, pairs: list[tuple[dict, dict]], heads, epochs: int, seed: int, log=print, lr=5e-4
+    model,
+    pairs: list[tuple[dict, dict]],
+    heads,
+    epochs: int,
+    seed: int,
+    log=print,
+    lr=5e-4,
+    max_beats: int = 48,
 ):
     """Fit the task heads and the encoder on labelled rows; missing labels are masked.
 
-    Augmentation for records of any length, device and lead set: long rows whose labels
-    are pure (0 or 1) are cut to a random run of 8-64 beats (about 5-50 s) each time they
-    are seen, and multi-lead rows often lose some or all but one of their leads.
+    Augmentation for records of any length, device and lead set: every row is cut to a
+    random run of 8 to `max_beats` beats (about 5-40 s, like the short recordings the
+    model is judged on, and fast to train) each time it is seen, and multi-lead rows
+    often lose some or all but one of their leads.
     """
     import torch
 
@@ -476,10 +485,11 @@ def finetune(
     rng = np.random.default_rng(seed)
     data = []
     for row, y in pairs:
+        # Fractions near 0 or 1 (segments almost wholly in or out of AF) become hard labels;
+        # the others stay soft: a crop of the segment is in AF about that often.
         vals = [y.get(h, np.nan) for h in heads]
-        pure = all(np.isnan(v) or v <= 0.02 or v >= 0.98 for v in vals)
-        vals = [v if np.isnan(v) else float(v >= 0.5) if pure else v for v in vals]
-        data.append((row_to_example(row), np.array(vals, dtype=np.float32), pure))
+        vals = [v if np.isnan(v) or 0.05 < v < 0.95 else float(v >= 0.5) for v in vals]
+        data.append((row_to_example(row), np.array(vals, dtype=np.float32)))
     if not data:
         raise SystemExit("ecgtok: error: no token row matches a label row")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -491,10 +501,7 @@ def finetune(
         for idx in _batches(len(data), 32, rng):
             exs = []
             for i in idx:
-                ex, _, pure = data[i]
-                if pure:
-                    ex = _crop(ex, rng, 64, 8)
-                exs.append(_lead_dropout(ex, rng))
+                exs.append(_lead_dropout(_crop(data[i][0], rng, max_beats, 8), rng))
             b = collate(exs)
             y = torch.from_numpy(np.stack([data[i][1] for i in idx]))
             out = model(**b)
@@ -608,15 +615,25 @@ def finetune_main(argv: list[str]) -> int:
     ap.add_argument("--init", required=True, help="pretrained model folder")
     ap.add_argument("--split", default=None, help="use only label rows of this split")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--crop-beats", type=int, default=48, help="longest training crop")
+    ap.add_argument(
+        "--p-af-threshold",
+        type=float,
+        default=0.5,
+        help="operating point stored in config.json (from `ecgtok evaluate` cross-validation)",
+    )
     args = ap.parse_args(argv)
     model, config = load_model(args.init)
     rows = load_token_rows(args.tokens)
     check_rows_tokenizer(rows, config["tokenizer_id"])
     labels = read_labels(args.labels, HEADS, args.split)
     pairs = labelled(rows, labels)
-    model = finetune(model, pairs, HEADS, args.epochs, args.seed, log=_err, lr=args.lr)
+    model = finetune(
+        model, pairs, HEADS, args.epochs, args.seed, log=_err, lr=args.lr, max_beats=args.crop_beats
+    )
     config = {k: v for k, v in config.items() if k != "model_id"}
     config.update(
+        p_af_threshold=args.p_af_threshold,
         stage="finetuned",
         finetune={
             "labels": _portable(args.labels),
@@ -624,6 +641,7 @@ def finetune_main(argv: list[str]) -> int:
             "rows": len(pairs),
             "epochs": args.epochs,
             "lr": args.lr,
+            "crop_beats": args.crop_beats,
             "seed": args.seed,
         },
     )
@@ -639,6 +657,15 @@ def rr_baseline(row: dict) -> float:
         return float("nan")
     rr = np.diff(r) / float(row["fs"])
     return float(np.sqrt(np.mean(np.diff(rr) ** 2)) / max(rr.mean(), 1e-6))
+
+
+def rr_irregularity(row: dict) -> float:
+    """Model-free AF score: fraction of successive RR changes over 10% (|log ratio| > 0.1)."""
+    r = np.asarray(row.get("r_peaks") or [], dtype=np.float64)
+    if r.size < 4:
+        return float("nan")
+    lrr = np.log(np.clip(np.diff(r) / float(row["fs"]), 0.15, 3.0))
+    return float(np.mean(np.abs(np.diff(lrr)) > 0.1))
 
 
 def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float | None = None) -> dict:
@@ -697,8 +724,8 @@ def _group_folds(keys: list[str], folds: int, seed: int) -> np.ndarray:
     return np.array([_priority(seed, "fold|" + k, 0, 0) % folds for k in keys])
 
 
-def report(pairs, sources, preds: dict, baseline: np.ndarray, threshold: float | None) -> dict:
-    """Metrics per source and head, with the RR baseline beside p_af."""
+def report(pairs, sources, preds: dict, baselines: dict, threshold: float | None) -> dict:
+    """Metrics per source and head, with the model-free RR baselines beside p_af."""
     out: dict = {}
     src = np.array(sources)
     for name in sorted(set(sources)) + ["all"]:
@@ -713,7 +740,8 @@ def report(pairs, sources, preds: dict, baseline: np.ndarray, threshold: float |
                 entry[h] = met
         y_af = np.array([pr[1].get("p_af", np.nan) for pr in pairs], dtype=np.float64)[m]
         if not np.isnan(y_af).all():
-            entry["rr_baseline_af"] = binary_metrics(y_af, baseline[m])
+            for bname, score in baselines.items():
+                entry[f"baseline_{bname}"] = binary_metrics(y_af, score[m])
         out[name] = entry
     return out
 
@@ -734,6 +762,7 @@ def evaluate_main(argv: list[str]) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--crop-beats", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=None, help="p_af operating point")
     ap.add_argument("--predictions", default=None, help="write per-row predictions CSV here")
@@ -771,12 +800,17 @@ def evaluate_main(argv: list[str]) -> int:
                 args.seed,
                 log=_err,
                 lr=args.lr,
+                max_beats=args.crop_beats,
             )
             out = predict(model, [pairs[i][0] for i in test])
             for h in HEADS:
                 preds[h][test] = out[h]
             _err(f"fold {k + 1}/{args.folds} done ({len(train)} train rows, {len(test)} test rows)")
     baseline = np.array([rr_baseline(r) for r, _ in pairs])
+    baselines = {
+        "rmssd_over_mean_rr": baseline,
+        "rr_changes_over_10pct": np.array([rr_irregularity(r) for r, _ in pairs]),
+    }
     y_af = np.array([y.get("p_af", np.nan) for _, y in pairs])
     threshold = (
         args.threshold if args.threshold is not None else operating_point(y_af, preds["p_af"])
@@ -787,7 +821,7 @@ def evaluate_main(argv: list[str]) -> int:
         "folds": args.folds if args.init else None,
         "split": args.split,
         "p_af_threshold": threshold,
-        "metrics": report(pairs, sources, preds, baseline, threshold),
+        "metrics": report(pairs, sources, preds, baselines, threshold),
         "p_af_calibration": calibration(y_af, preds["p_af"]),
     }
     if args.predictions:

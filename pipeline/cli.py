@@ -125,7 +125,7 @@ def _dispatch(command: str, rest: list[str]) -> int:
         from ecgtok.pipeline.eval_beats import main as eval_main
 
         return eval_main(rest)
-    if command in ("fit-tokenizer", "fidelity", "pretrain", "finetune"):
+    if command in ("fit-tokenizer", "fidelity", "pretrain", "finetune", "evaluate"):
         from ecgtok.models import train
 
         return train.main(command, rest)

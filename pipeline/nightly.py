@@ -464,7 +464,7 @@ def plan_night(
 
 def operating_point(model_config: dict) -> tuple[float, str]:
     """The model card's operating point for p_af when config.json states one, else 0.5."""
-    op = model_config.get("operating_point")
+    op = model_config.get("p_af_threshold", model_config.get("operating_point"))
     if isinstance(op, dict):
         op = op.get("p_af", op.get("threshold"))
     if isinstance(op, (int, float)) and 0.0 <= float(op) <= 1.0:

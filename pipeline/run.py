@@ -48,7 +48,7 @@ def _require(value, flag: str):
 
 
 def _resolve(opts: EcgtokOptions, mode: str, check_paths: bool = True) -> graph.JobConfig:
-    from ecgtok.models.model import load_model
+    from ecgtok.models.model import check_model_tokenizer, load_model
     from ecgtok.models.tokenizer import Tokenizer
 
     src = _require(opts.input, "--input")
@@ -88,6 +88,10 @@ def _resolve(opts: EcgtokOptions, mode: str, check_paths: bool = True) -> graph.
     if mode == SCORE and check_paths:
         cfg.input = _token_glob(src)
         cfg.extra_columns = _extra_columns_of_shards(cfg.input)
+        cfg.tokenizer_id = _tokenizer_id_of_shards(cfg.input)
+    if mode in (SCORE, RUN):
+        # Refuse at once, in one line, a model that does not read these tokens.
+        check_model_tokenizer(mcfg, cfg.tokenizer_id)
     return cfg
 
 
@@ -113,6 +117,19 @@ def _extra_columns_of_shards(pattern: str) -> list[str]:
         names = pq.read_schema(f).names
     fixed = {f.name for f in TOKEN_FIELDS}
     return [n for n in names if n not in fixed]
+
+
+def _tokenizer_id_of_shards(pattern: str) -> str:
+    """The tokenizer that wrote the shards, from the first shard's first row."""
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+
+    for meta in FileSystems.match([pattern])[0].metadata_list:
+        with FileSystems.open(meta.path) as f:
+            column = pq.read_table(f, columns=["tokenizer_id"]).column("tokenizer_id")
+        if len(column):
+            return str(column[0])
+    return ""
 
 
 def _counters(result) -> dict[str, int]:

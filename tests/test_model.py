@@ -27,7 +27,7 @@ from ecgtok.pipeline.options import default_model_dir, default_tokenizer_dir
 
 def _tiny_model(vocab: int = 40) -> tuple[EcgLM, dict]:
     torch.manual_seed(0)
-    arch = {"vocab_size": vocab, "d_model": 16, "n_layers": 1, "n_heads": 2, "rr_features": 6}
+    arch = {"vocab_size": vocab, "d_model": 16, "n_layers": 1, "n_heads": 2, "rr_features": 8}
     return EcgLM(**arch), {"arch": arch, "tokenizer_id": "0123456789abcdef"}
 
 
@@ -85,7 +85,7 @@ def test_tampered_config_refused(tmp_path):
 def test_collate_pads_leads_and_beats():
     b = collate([row_to_example(_row(12, ("I", "II", "V1"))), row_to_example(_row(5, ("II",)))])
     assert b["words"].shape == (2, 3, 12)
-    assert b["rr"].shape == (2, 12, 6)
+    assert b["rr"].shape == (2, 12, 8)
     assert (b["rhythm"][1, 5:] == 0).all() and (b["leads"][1, 1:] == -1).all()
     assert (b["rr"][1, 5:] == 0).all()
 
@@ -106,11 +106,11 @@ def test_rr_features_see_irregularity():
     regular = np.cumsum(np.full(40, 0.8 * fs)).astype(int)
     irregular = np.cumsum(rng.uniform(0.4, 1.2, 40) * fs).astype(int)
     fr, fi = rr_features(regular, fs), rr_features(irregular, fs)
-    assert fr.shape == (40, 6)
+    assert fr.shape == (40, 8)
     assert abs(fr[:, 3]).max() < 1e-6 and fi[:, 3].mean() > 0.5
     # Rate-independent: the same beats at another sampling rate give the same features.
     np.testing.assert_allclose(rr_features(regular * 2, 2 * fs), fr, atol=1e-6)
-    assert rr_features([5], fs).shape == (1, 6)
+    assert rr_features([5], fs).shape == (1, 8)
 
 
 def test_handler_refuses_rows_of_another_tokenizer():
@@ -226,3 +226,42 @@ def test_run_inference_through_the_handler_matches_plain_torch():
             | RunInference(handler)
         )
         assert_that(out, check)
+
+
+def test_model_tokenizer_check_names_both_ids():
+    from ecgtok.models.model import check_model_tokenizer
+
+    cfg = {"model_id": "m1", "tokenizer_id": "0123456789abcdef"}
+    check_model_tokenizer(cfg, "0123456789abcdef")
+    with pytest.raises(ArtifactError, match="0123456789abcdef.*fedcba9876543210"):
+        check_model_tokenizer(cfg, "fedcba9876543210")
+
+
+def test_af_burden_from_window_scores():
+    from ecgtok.models.burden import af_burden
+
+    fs = 100.0
+    r = np.arange(0, 600 * fs, 100).astype(int)  # 600 beats, 1 per second
+    row = {"r_peaks": r.tolist(), "fs": fs}
+    # Beats 100-399 in AF (300 s), the rest not; one short blip at 500-509 (10 s).
+    windows = [(0, 100, 0.01), (100, 400, 0.9), (400, 500, 0.02), (500, 510, 0.9)]
+    windows += [(510, 600, 0.0)]
+    out = af_burden(row, windows, threshold=0.5, min_episode_s=30.0)
+    assert out["af_episodes"] == [(int(r[100]), int(r[399]))]
+    assert abs(out["af_burden"] - 299 / 599) < 1e-3
+    assert af_burden(row, windows, threshold=0.95)["af_burden"] == 0.0
+
+
+@pytest.mark.slow
+def test_shipped_model_af_burden_on_mitdb():
+    """Held-out MIT-BIH 210 (AF almost throughout) vs held-out 117 (sinus rhythm)."""
+    from ecgtok.models.burden import af_burden, score_windows
+    from ecgtok.transforms.record_tokens import tokenize_record
+
+    model, cfg = load_model(default_model_dir())
+    tok = Tokenizer.load(default_tokenizer_dir())
+    burden = {}
+    for name in ("210", "117"):
+        row = tokenize_record(data_path("mitdb", name + ".hea"), name, tok)[0]
+        burden[name] = af_burden(row, score_windows(model, row), 0.5)["af_burden"]
+    assert burden["210"] > 0.7 and burden["117"] < 0.1

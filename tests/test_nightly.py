@@ -364,6 +364,7 @@ def test_aggregate_max_and_burden():
 
 def test_operating_point_from_model_config():
     assert nightly.operating_point({"operating_point": 0.3})[0] == 0.3
+    assert nightly.operating_point({"p_af_threshold": 0.0834})[0] == 0.0834  # as shipped
     assert nightly.operating_point({"operating_point": {"p_af": 0.7}})[0] == 0.7
     thr, why = nightly.operating_point({})
     assert thr == 0.5 and "default" in why

@@ -304,3 +304,20 @@ def test_symlink_loops_in_an_archive_terminate(good_archive, tmp_path, capsys):
     assert run_cli(["tokenize", "--input", good_archive, "--output", dst], capsys)[0] == 0
     rows = read_folder(os.path.join(dst, "tokens"))
     assert sorted(r["record_id"] for r in rows) == sorted(GOOD)
+
+
+def test_a_model_for_another_tokenizer_is_refused_in_one_line(good_archive, tmp_path, capsys):
+    from ecgtok.models.model import load_model, save_model
+    from ecgtok.pipeline.options import default_model_dir
+
+    model, config = load_model(default_model_dir())
+    other = str(tmp_path / "other_model")
+    save_model(model, {**config, "tokenizer_id": "0123456789abcdef"}, other)
+    tok = str(tmp_path / "tok")
+    assert run_cli(["tokenize", "--input", good_archive, "--output", tok], capsys)[0] == 0
+    for args in (
+        ["score", "--input", tok, "--output", str(tmp_path / "s"), "--model", other],
+        ["run", "--input", good_archive, "--output", str(tmp_path / "r"), "--model", other],
+    ):
+        code, _, err = run_cli(args, capsys)
+        assert code == 6 and "0123456789abcdef" in err and len(err.strip().splitlines()) == 1

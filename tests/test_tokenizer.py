@@ -124,7 +124,7 @@ def test_tokens_aligned_with_r_peaks_on_real_records(sub, record):
     assert rows
     for row in rows:
         n = len(row["r_peaks"])
-        assert n > 5
+        assert n > 5 or row["n_samples"] < 10 * row["fs"]
         assert len(row["tokens"]) == len(row["lead_names"])
         for lead_words in row["tokens"]:
             assert len(lead_words) == n

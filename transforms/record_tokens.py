@@ -197,6 +197,31 @@ def tokenize_reader(
     return rows
 
 
+_BLAS_LIMIT = None
+
+
+def one_blas_thread() -> None:
+    """Limit NumPy/SciPy's OpenBLAS to one thread in this process (once; idempotent).
+
+    Records are processed in parallel by Beam's workers and their guarded children; a
+    record's only BLAS call is the codebook assignment, a product of a few hundred beats
+    by the codebook. With OpenBLAS's default of one thread per core, that product took
+    12-24 ms on a busy 2-core machine (its threads spin against the other workers)
+    instead of 0.1 ms: the largest single cost of a record. Only OpenBLAS is limited
+    (torch's own thread pools are left alone); results do not change.
+    """
+    global _BLAS_LIMIT
+    if _BLAS_LIMIT is not None:
+        return
+    try:
+        import scipy.linalg  # noqa: F401  (loads SciPy's own OpenBLAS, so it is limited too)
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS_LIMIT = ThreadpoolController().select(internal_api="openblas").limit(limits=1)
+    except Exception:  # threadpoolctl missing, or a library it cannot drive: keep defaults
+        _BLAS_LIMIT = False
+
+
 def tokenize_record(
     source_path: str,
     record_id: str,
@@ -206,6 +231,7 @@ def tokenize_record(
     policy=None,
 ) -> list[dict]:
     """Open, read, find beats and tokenize one record. Raises RecordError naming the stage."""
+    one_blas_thread()
     with open_any(source_path, record_id, policy) as reader:
         try:
             return tokenize_reader(reader, tokenizer, segment_s, extra)

@@ -27,38 +27,6 @@ ERRORS = "errors"
 _LOG = logging.getLogger(__name__)
 
 
-_BLAS_LIMIT = None
-
-
-def one_blas_thread() -> None:
-    """Limit NumPy/SciPy's OpenBLAS to one thread in this process (once; idempotent).
-
-    Records are processed in parallel by Beam's workers (and their guarded children); a
-    record's only BLAS call is the codebook assignment, a product of a few hundred beats
-    by the codebook. With OpenBLAS's default of one thread per core, that product costs
-    12-24 ms on a busy 2-core machine (the threads spin against the other workers)
-    instead of 0.08 ms: it was the largest single cost per record. Only OpenBLAS is
-    limited (torch's own pools are left alone). Results do not change.
-    """
-    global _BLAS_LIMIT
-    if _BLAS_LIMIT is not None:
-        return
-    try:
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS_LIMIT = ThreadpoolController().select(internal_api="openblas").limit(limits=1)
-    except Exception:  # threadpoolctl missing or a library it cannot drive: keep defaults
-        _BLAS_LIMIT = False
-
-
-def _guarded_tokenize(source_path: str, record_id: str, segment_s: float, extra: dict):
-    """The guarded child's work: `isolation._tokenize_in_child` with one BLAS thread."""
-    from ecgtok.transforms.isolation import _tokenize_in_child
-
-    one_blas_thread()
-    return _tokenize_in_child(source_path, record_id, segment_s, extra)
-
-
 def error_row(ref: RecordRef, stage: str, error_type: str, message: str) -> dict:
     return {
         "record_id": ref.record_id,
@@ -122,11 +90,8 @@ class _TokenizeRecordFn(beam.DoFn):
                 self._tokenizer_dir,
                 self._limits.timeout_s,
                 self._limits.memory_mb,
-                work=_guarded_tokenize,
                 deid=self._deid,
             )
-        else:
-            one_blas_thread()
         self._tokenized = Metrics.counter(NAMESPACE, "records_tokenized")
         self._failed = Metrics.counter(NAMESPACE, "records_failed")
         self._beats = Metrics.counter(NAMESPACE, "beats")

