@@ -53,6 +53,7 @@ setup(
             "neurokit2>=0.2.10",
             "gcp-storage-emulator>=2024.8.3",
             "sierraecg>=0.4,<0.5",
+            "duckdb>=1.0",
         ],
     },
     entry_points={"console_scripts": ["ecgtok=ecgtok.pipeline.cli:main"]},

@@ -8,6 +8,7 @@
     ecgtok eval-beats --input DB [--annotator atr] [--window 0.15]
     ecgtok fit-tokenizer --input SRC --output DIR [--vocab-size K]
     ecgtok fidelity  --input SRC [--tokenizer DIR]
+    ecgtok plot      --input RECORD --output PNG [--tokenizer DIR] [--seconds 10]
     ecgtok pretrain / finetune  (see `ecgtok pretrain --help`)
 
 User mistakes print one line on stderr and exit non-zero: 2 a bad option or value, 3 an
@@ -117,6 +118,10 @@ def _dispatch(command: str, rest: list[str]) -> int:
         from ecgtok.pipeline.demo import main as demo_main
 
         return demo_main(rest)
+    if command == "plot":
+        from ecgtok.pipeline.plot import main as plot_main
+
+        return plot_main(rest)
     if command == "nightly":
         from ecgtok.pipeline.nightly import main as nightly_main
 

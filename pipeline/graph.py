@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import apache_beam as beam
 
+from ecgtok.pipeline import __version__
 from ecgtok.pipeline.discovery import DeidSettings
 from ecgtok.pipeline.outputs import join
 from ecgtok.transforms import schemas
@@ -45,7 +46,7 @@ class JobConfig:
 
 def build_tokenize(p: beam.Pipeline, cfg: JobConfig):
     """discover -> read -> find beats -> tokenize -> tokens/ and errors/. Returns token rows."""
-    meta = {"ecgtok_tokenizer_id": cfg.tokenizer_id}
+    meta = {"ecgtok_tokenizer_id": cfg.tokenizer_id, "ecgtok_version": __version__}
     refs = p | "DiscoverRecords" >> DiscoverRecords(cfg.input, cfg.refs, cfg.deid)
     result = refs | "TokenizeRecords" >> TokenizeRecords(
         cfg.tokenizer_dir, cfg.segment_s, cfg.extra_columns, cfg.limits, cfg.deid
@@ -61,7 +62,11 @@ def build_tokenize(p: beam.Pipeline, cfg: JobConfig):
 
 def build_score(rows, cfg: JobConfig) -> None:
     """token rows -> RunInference -> scores/."""
-    meta = {"ecgtok_model_id": cfg.model_id, "ecgtok_tokenizer_id": cfg.tokenizer_id}
+    meta = {
+        "ecgtok_model_id": cfg.model_id,
+        "ecgtok_tokenizer_id": cfg.tokenizer_id,
+        "ecgtok_version": __version__,
+    }
     scores = rows | "ScoreRecords" >> ScoreRecords(
         cfg.model_dir, cfg.extra_columns, cfg.device, cfg.batch_size
     )

@@ -321,3 +321,42 @@ def test_a_model_for_another_tokenizer_is_refused_in_one_line(good_archive, tmp_
     ):
         code, _, err = run_cli(args, capsys)
         assert code == 6 and "0123456789abcdef" in err and len(err.strip().splitlines()) == 1
+
+
+def test_shards_read_with_pyarrow_dataset_and_duckdb(good_archive, tmp_path, capsys):
+    import pyarrow.dataset as ds
+
+    duckdb = pytest.importorskip("duckdb")
+    dst = str(tmp_path / "out")
+    assert run_cli(["run", "--input", good_archive, "--output", dst], capsys)[0] == 0
+    tokens = ds.dataset(os.path.join(dst, "tokens"), format="parquet")
+    table = tokens.to_table(columns=["record_id", "r_peaks", "tokens"])
+    assert sorted(table.column("record_id").to_pylist()) == sorted(GOOD)
+    meta = tokens.schema.metadata
+    assert meta[b"ecgtok_tokenizer_id"] and meta[b"ecgtok_version"]
+    assert all(
+        pq.ParquetFile(f).metadata.row_group(0).column(0).compression == "ZSTD"
+        for f in glob.glob(os.path.join(dst, "tokens", "*.parquet"))
+    )
+    con = duckdb.connect()
+    beats, records = con.execute(
+        f"SELECT sum(len(r_peaks)), count(DISTINCT record_id) "
+        f"FROM read_parquet('{dst}/tokens/*.parquet')"
+    ).fetchone()
+    assert records == 3 and beats == sum(len(r) for r in table.column("r_peaks").to_pylist())
+    (n_scores,) = con.execute(
+        f"SELECT count(*) FROM read_parquet('{dst}/scores/*.parquet') s "
+        f"JOIN read_parquet('{dst}/tokens/*.parquet') t USING (record_id, start_sample)"
+    ).fetchone()
+    assert n_scores == 3
+
+
+def test_plot_draws_a_record_with_words(tmp_path, capsys):
+    out = tmp_path / "p.png"
+    rec = data_path("cinc2021_12lead", "G12EC", "E00001.hea")
+    assert (
+        run_cli(["plot", "--input", rec, "--output", str(out), "--leads", "II,V1"], capsys)[0] == 0
+    )
+    with open(out, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 20_000

@@ -13,7 +13,7 @@ import numpy as np
 
 # ECG-paper colours: minor grid 0.04 s x 0.1 mV, major grid 0.2 s x 0.5 mV.
 _MINOR, _MAJOR = "#f6d5d5", "#eaa5a5"
-_TRACE, _BEAT, _TOKEN = "#111111", "#c0392b", "#1f4e79"
+_TRACE, _BEAT, _TOKEN, _WORD = "#111111", "#c0392b", "#1f4e79", "#2a9d8f"
 
 
 def _find_lead(name: str, lead_names: Sequence[str]) -> int | None:
@@ -25,6 +25,26 @@ def _find_lead(name: str, lead_names: Sequence[str]) -> int | None:
         if n.strip().lower() in (low, "ml" + low, "ecg " + low, "lead " + low):
             return i
     return None
+
+
+def _draw_decoded(ax, t, x, fs, peaks, shown, words: np.ndarray, word_fs: float) -> None:
+    """Each beat's decoded word over it, fitted by least squares (words are unit-energy)."""
+    if words.ndim != 2 or words.shape[0] != peaks.size:
+        return
+    half = words.shape[1] // 2
+    for j in shown:
+        wav = words[j].astype(np.float64)
+        if not np.any(wav):
+            continue
+        tt = peaks[j] / fs + (np.arange(wav.size) - half) / word_fs
+        inside = (tt >= t[0]) & (tt <= t[-1])
+        seg = np.interp(tt, t, x)
+        c = wav - wav[inside].mean() if inside.any() else wav
+        scale = float(np.dot(seg[inside] - seg[inside].mean(), c[inside])) / max(
+            float(np.dot(c[inside], c[inside])), 1e-12
+        )
+        overlay = scale * c + seg[inside].mean()
+        ax.plot(tt[inside], overlay[inside], color=_WORD, lw=1.1, alpha=0.85, zorder=2.5)
 
 
 def _paper_grid(ax, x0: float, x1: float, y0: float, y1: float) -> None:
@@ -48,6 +68,8 @@ def plot_record_with_tokens(
     leads: Sequence[str] = ("II",),
     seconds: float = 10.0,
     title: str | None = None,
+    decoded: Sequence[np.ndarray] | None = None,
+    decoded_fs: float = 100.0,
 ) -> None:
     """Write a PNG of the first `seconds` of `signal` for each lead in `leads`.
 
@@ -91,6 +113,13 @@ def plot_record_with_tokens(
         ax.plot(t, x, color=_TRACE, lw=0.9, zorder=2)
         if shown.size:
             ax.plot(t[peaks[shown]], x[peaks[shown]], "v", color=_BEAT, ms=4, zorder=3)
+        # Beat boundaries: the midpoints between neighbouring R peaks (the tokenizer's window).
+        for a, b in zip(peaks[:-1], peaks[1:]):
+            mid = 0.5 * (a + b)
+            if 0 <= mid < n:
+                ax.axvline(mid / fs, color=_BEAT, lw=0.5, ls=":", alpha=0.6, zorder=1)
+        if decoded is not None:
+            _draw_decoded(ax, t, x, fs, peaks, shown, np.asarray(decoded[li]), decoded_fs)
         w = max(1, int(0.06 * fs))
         for j in shown:
             p = int(peaks[j])
