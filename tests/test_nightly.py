@@ -23,8 +23,10 @@ import pyarrow.parquet as pq
 import pytest
 from gcs_emulator import gcs  # noqa: F401  (pytest fixture)
 
+from ecgtok.models.model import load_model
 from ecgtok.pipeline import nightly
 from ecgtok.pipeline.cli import main as cli
+from ecgtok.pipeline.options import default_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(REPO, "deploy")
@@ -113,7 +115,10 @@ def test_three_nights_incremental_idempotent(archive, tmp_path, capsys):
     s1 = night(capsys, cohort20, store, "2026-03-01")
     check_accounting(s1, 20)
     assert (s1["tokenized"], s1["reused"], s1["failed"], s1["scored"]) == (20, 0, 0, 20)
-    assert s1["alert_threshold"] == 0.5 and "default" in s1["alert_threshold_source"]
+    # The shipped model states its operating point; the report uses it.
+    _, model_cfg = load_model(default_model_dir())
+    assert s1["alert_threshold"] == model_cfg["p_af_threshold"]
+    assert "model operating point" in s1["alert_threshold_source"]
     n1 = scores_of(store, "2026-03-01")
     assert sorted(r["record_id"] for r in n1) == sorted(r["path"][:-4] for r in rows[:20])
     by_id = {r["record_id"]: r for r in n1}
