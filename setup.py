@@ -56,5 +56,5 @@ setup(
             "duckdb>=1.0",
         ],
     },
-    entry_points={"console_scripts": ["ecgtok=ecgtok.pipeline.cli:main"]},
+    entry_points={"console_scripts": ["ecgtok=ecgtok.pipeline.cli:entry"]},
 )

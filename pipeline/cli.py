@@ -137,5 +137,20 @@ def _dispatch(command: str, rest: list[str]) -> int:
     return _fail(f"unknown command {command!r}; try `ecgtok --help`")
 
 
+def entry() -> None:
+    """The console script: run, flush, and leave without interpreter teardown.
+
+    After a finished job, gRPC, torch and Beam's worker threads can still be shutting
+    down when Python finalises, and that race occasionally aborts the process ("terminate
+    called without an active exception", exit 134) after every output was written. The
+    job's result is decided by then, so exit with it directly.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

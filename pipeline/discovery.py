@@ -347,7 +347,8 @@ def manifest_columns(src: str) -> list[str]:
 def _split(files: list[str]) -> tuple[list[str], list[str]]:
     """(WFDB headers, EDF and RECORDS files) and (hospital export files)."""
     wfdb = [f for f in files if _is_record_file(f) or _basename(f) == "RECORDS"]
-    exports = [f for f in files if f not in set(wfdb) and _is_export_candidate(f)]
+    taken = set(wfdb)
+    exports = [f for f in files if f not in taken and _is_export_candidate(f)]
     return wfdb, exports
 
 

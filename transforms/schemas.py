@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from ecgtok.models.model import HEADS
+# From labels, not model: importing torch would cost every tokenize launch ~2 s.
+from ecgtok.models.labels import HEADS
 
 TOKEN_FIELDS = [
     pa.field("record_id", pa.string(), nullable=False),
