@@ -20,7 +20,7 @@ import numpy as np
 
 from ecgtok.models.tokenizer import Tokenizer, build_sentence
 from ecgtok.transforms.errors import TRANSIENT_ERRORS, RecordError
-from ecgtok.transforms.wfdb_reader import Record, open_record
+from ecgtok.transforms.wfdb_reader import Record, SampleReader, open_record
 
 DEFAULT_SEGMENT_S = 300.0
 # Context read on each side of a segment (detector settling, neighbouring beats).
@@ -52,7 +52,7 @@ def segment_bounds(n_samples: int, fs: float, segment_s: float) -> list[tuple[in
     return [(s, min(s + seg, n_samples)) for s in range(0, n_samples, seg)]
 
 
-class _InMemoryReader:
+class _InMemoryReader(SampleReader):
     """A decoded Record behind the reader interface (exports are small files)."""
 
     def __init__(self, record: Record) -> None:
@@ -63,16 +63,11 @@ class _InMemoryReader:
         self.n_samples = record.signal.shape[0]
         self.lead_names = record.lead_names
         self.original_lead_names = record.original_lead_names
+        self.units = list(record.units or ["mV"] * record.signal.shape[1])
         self.meta = record.meta
 
-    def read(self, start: int, stop: int) -> np.ndarray:
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         return self._record.signal[max(0, start) : stop]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 def open_any(source_path: str, record_id: str, policy=None):
@@ -101,19 +96,7 @@ def open_any(source_path: str, record_id: str, policy=None):
 def read_any(source_path: str, record_id: str, policy=None) -> Record:
     """The whole of a record as one `Record` (for short records and training code)."""
     with open_any(source_path, record_id, policy) as reader:
-        return _as_record(reader, reader.read(0, reader.n_samples))
-
-
-def _as_record(reader, signal: np.ndarray) -> Record:
-    return Record(
-        record_id=reader.record_id,
-        source_path=reader.source_path,
-        fs=float(reader.fs),
-        signal=signal,
-        lead_names=list(reader.lead_names),
-        original_lead_names=list(reader.original_lead_names),
-        meta=dict(reader.meta or {}),
-    )
+        return reader.record()
 
 
 def _meta_columns(meta: dict) -> dict:
@@ -175,7 +158,7 @@ def tokenize_reader(
     rows = []
     for start, end in segment_bounds(n, fs, segment_s):
         lo, hi = max(0, start - context), min(n, end + context)
-        chunk = _as_record(reader, reader.read(lo, hi))
+        chunk = reader.record(lo, hi)
         peaks, flags, words, rhythm = _tokenize_window(chunk, tokenizer)
         peaks = peaks + lo
         keep = (peaks >= start) & (peaks < end) & (peaks > last_kept + refractory)

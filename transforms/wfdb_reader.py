@@ -778,7 +778,48 @@ def _check_rates(source, where: str, fs: float) -> None:
             )
 
 
-class RecordReader:
+class SampleReader:
+    """What every reader shares: ranges as `Record`s, chunks, and `with` support.
+
+    A subclass sets `record_id`, `source_path`, `fs`, `n_samples`, `lead_names`,
+    `original_lead_names`, `units` and `meta`, and defines `read(start, stop)` returning
+    (n, leads) float32 mV.
+    """
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the reader holds open (nothing by default)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def chunks(self, chunk_samples: int) -> Iterator[tuple[int, np.ndarray]]:
+        """(start_sample, samples) for consecutive chunks; memory bounded by the chunk."""
+        if chunk_samples <= 0:
+            raise ValueError("chunk_samples must be positive")
+        for start in range(0, self.n_samples, chunk_samples):
+            yield start, self.read(start, start + chunk_samples)
+
+    def record(self, start: int = 0, stop: int | None = None) -> Record:
+        return Record(
+            record_id=self.record_id,
+            source_path=self.source_path,
+            fs=self.fs,
+            signal=self.read(start, stop),
+            lead_names=list(self.lead_names),
+            original_lead_names=list(self.original_lead_names),
+            meta=dict(self.meta),
+            units=list(self.units),
+            start_sample=max(0, start),
+        )
+
+
+class RecordReader(SampleReader):
     """A checked record, ready to decode any range of its samples."""
 
     def __init__(self, path: str, record_id: str | None = None) -> None:
@@ -835,12 +876,6 @@ class RecordReader:
         """Release the remote readers kept open (local files are never kept open)."""
         self._files.close()
 
-    def __enter__(self) -> RecordReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Samples [start, stop) as (n, leads) float32 mV."""
         stop = self.n_samples if stop is None else min(stop, self.n_samples)
@@ -868,26 +903,6 @@ class RecordReader:
         if a or out.shape[0] != stop - start:
             out = out[a : a + stop - start]
         return out
-
-    def chunks(self, chunk_samples: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(start_sample, samples) for consecutive chunks; memory bounded by the chunk."""
-        if chunk_samples <= 0:
-            raise ValueError("chunk_samples must be positive")
-        for start in range(0, self.n_samples, chunk_samples):
-            yield start, self.read(start, start + chunk_samples)
-
-    def record(self, start: int = 0, stop: int | None = None) -> Record:
-        return Record(
-            record_id=self.record_id,
-            source_path=self.source_path,
-            fs=self.fs,
-            signal=self.read(start, stop),
-            lead_names=list(self.lead_names),
-            original_lead_names=list(self.original_lead_names),
-            meta=dict(self.meta),
-            units=list(self.units),
-            start_sample=max(0, start),
-        )
 
 
 def open_record(path: str, record_id: str | None = None) -> RecordReader:

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import binascii
 import datetime as _dt
-from collections.abc import Iterator
 
 import numpy as np
 
 from ecgtok.transforms.formats._common import MAX_LEADS, check_fs, fail
 from ecgtok.transforms.formats.deid import DeidPolicy, Demographics
 from ecgtok.transforms.leads import STANDARD_LEADS, normalise_lead_name
-from ecgtok.transforms.wfdb_reader import Record
+from ecgtok.transforms.wfdb_reader import Record, SampleReader
 
 FORMAT = "ishne"
 MAGIC = b"ISHNE1.0"
@@ -130,7 +129,7 @@ class IshneHeader:
         return demo
 
 
-class IshneReader:
+class IshneReader(SampleReader):
     """A checked ISHNE file, ready to decode any range of samples (WFDB RecordReader API)."""
 
     def __init__(
@@ -188,12 +187,6 @@ class IshneReader:
             self._f.close()
             self._f = None
 
-    def __enter__(self) -> IshneReader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Samples [start, stop) as (n, leads) float32 mV."""
         stop = self.n_samples if stop is None else min(stop, self.n_samples)
@@ -210,26 +203,6 @@ class IshneReader:
             np.multiply(digital, self.header.gain_mv, out=block, casting="unsafe")
             block[digital == INVALID] = 0.0
         return out
-
-    def chunks(self, chunk_samples: int) -> Iterator[tuple[int, np.ndarray]]:
-        """(start_sample, samples) for consecutive chunks; memory bounded by the chunk."""
-        if chunk_samples <= 0:
-            raise ValueError("chunk_samples must be positive")
-        for start in range(0, self.n_samples, chunk_samples):
-            yield start, self.read(start, start + chunk_samples)
-
-    def record(self, start: int = 0, stop: int | None = None) -> Record:
-        return Record(
-            record_id=self.record_id,
-            source_path=self.source_path,
-            fs=self.fs,
-            signal=self.read(start, stop),
-            lead_names=list(self.lead_names),
-            original_lead_names=list(self.original_lead_names),
-            meta=dict(self.meta),
-            units=list(self.units),
-            start_sample=max(0, start),
-        )
 
 
 def open_ishne(path: str, record_id: str, policy: DeidPolicy | None = None) -> IshneReader:
