@@ -73,6 +73,14 @@ def parse_xml(data: bytes, what: str) -> ET.Element:
     return root
 
 
+def parse_root(data: bytes, what: str, tag: str, kind: str) -> ET.Element:
+    """Parse an export and check its root element (`kind` names the schema in the error)."""
+    root = parse_xml(data, what)
+    if root.tag != tag:
+        raise fail("unknown_schema", f"not a {kind} file")
+    return root
+
+
 def child(elem: ET.Element | None, *names: str) -> ET.Element | None:
     """The first descendant along a path of child local names (None if absent)."""
     for name in names:

@@ -19,7 +19,7 @@ from ecgtok.transforms.formats._common import (
     child,
     fail,
     make_record,
-    parse_xml,
+    parse_root,
     text,
     to_float,
 )
@@ -114,9 +114,7 @@ def _demographics(root) -> Demographics:
 
 
 def read_muse(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> Record:
-    root = parse_xml(data, "GE MUSE")
-    if root.tag != ROOT:
-        raise fail("unknown_schema", "not a GE MUSE RestingECG file")
+    root = parse_root(data, "GE MUSE", ROOT, "GE MUSE RestingECG")
     rhythm = None
     for wf in root.iter("Waveform"):
         kind = (text(wf, "WaveformType") or "").lower()

@@ -14,7 +14,13 @@ import warnings
 
 import numpy as np
 
-from ecgtok.transforms.formats._common import MAX_VALUES, child, fail, make_record, parse_xml
+from ecgtok.transforms.formats._common import (
+    MAX_VALUES,
+    child,
+    fail,
+    make_record,
+    parse_root,
+)
 from ecgtok.transforms.formats.deid import (
     DeidPolicy,
     Demographics,
@@ -171,9 +177,7 @@ def _demographics(root) -> Demographics:
 
 
 def read_aecg(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> Record:
-    root = parse_xml(data, "HL7 aECG")
-    if root.tag != ROOT:
-        raise fail("unknown_schema", "not an HL7 AnnotatedECG file")
+    root = parse_root(data, "HL7 aECG", ROOT, "HL7 AnnotatedECG")
     series = None
     for comp in root.findall("component"):
         s = comp.find("series")

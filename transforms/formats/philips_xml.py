@@ -29,7 +29,7 @@ from ecgtok.transforms.formats._common import (
     child,
     fail,
     make_record,
-    parse_xml,
+    parse_root,
     text,
     to_float,
 )
@@ -185,9 +185,7 @@ def _demographics(root) -> Demographics:
 
 
 def read_philips(data: bytes, path: str, record_id: str, policy: DeidPolicy) -> Record:
-    root = parse_xml(data, "Philips XML")
-    if root.tag != ROOT:
-        raise fail("unknown_schema", "not a Philips restingecgdata file")
+    root = parse_root(data, "Philips XML", ROOT, "Philips restingecgdata")
     doc_type = text(root, "documentinfo", "documenttype")
     version = text(root, "documentinfo", "documentversion")
     if doc_type not in ("SierraECG", "PhilipsECG") or version not in VERSIONS:
