@@ -31,6 +31,16 @@ from dataclasses import dataclass, field
 from apache_beam.io.filesystems import FileSystems
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _io_pool() -> ThreadPoolExecutor:
+    """One pool of reader threads for the whole listing (headers are small, reads are
+    latency-bound on gs://); made once per process instead of once per folder."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="ecgtok-discovery")
+    return _POOL
 
 
 class SourceError(ValueError):
@@ -147,8 +157,7 @@ def _confirmed_exports(paths: list[str]) -> list[str]:
     xml = [p for p in paths if p.lower().endswith(".xml")]
     if not xml:
         return sorted(paths)
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        verdicts = dict(zip(xml, pool.map(keep, xml)))
+    verdicts = dict(zip(xml, _io_pool().map(keep, xml)))
     return sorted(p for p in paths if verdicts.get(p, True))
 
 
@@ -241,8 +250,7 @@ def _default_rule(folder_files: list[str]) -> list[str]:
     candidates = [h for h in headers if not _stem(h).endswith("_layout")]
     edfs = [f for f in folder_files if f.lower().endswith(".edf") and _stem(f) not in header_stems]
     if len(candidates) >= 2:
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            texts = list(pool.map(lambda h: _read_text(h, 1 << 20), candidates))
+        texts = list(_io_pool().map(lambda h: _read_text(h, 1 << 20), candidates))
         segments: set[str] = set()
         for text in texts:
             segments.update(_segment_names(text))
