@@ -13,7 +13,7 @@ milliseconds per record and the share of the total:
     clean+resample     windows.clean_for_windows (0.5-40 Hz band-pass, resample to 100 Hz)
     lowpass            the tokenizer view's 25 Hz low-pass at 100 Hz
     windows            windows.beat_windows (cut, RR mask, median baseline)
-    align+norm         tokenizer.align_windows + l2 normalisation
+    align+norm         tokenizer.shape_windows (re-centre + l2 normalisation)
     assign             codebook assignment (nearest of K words, vectorised)
     rows               rhythm words, sentence, Python lists of the row (token_rows less encode)
     arrow              rows -> pyarrow.Table with the token schema (what WriteToParquet does)
@@ -52,9 +52,8 @@ def records(folder: str) -> list[str]:
 def stage_times(paths: list[str], tok, schema) -> dict[str, list[float]]:
     """Seconds per stage per record, calling the same functions tokenize_record calls."""
     import pyarrow as pa
-    from scipy import signal as sps
 
-    from ecgtok.models.tokenizer import align_windows
+    from ecgtok.models.tokenizer import shape_windows
     from ecgtok.transforms import windows as W
     from ecgtok.transforms.beats import FLAG_NOISE_MASK, beat_quality
     from ecgtok.transforms.qrs import detect_r_peaks
@@ -93,8 +92,7 @@ def stage_times(paths: list[str], tok, schema) -> dict[str, list[float]]:
         t = clock()
         lp = view.get("lowpass_hz")
         if lp and clean.shape[0] > 30:
-            sos = sps.butter(4, float(lp), fs=W.WINDOW_FS, output="sos")
-            clean = sps.sosfiltfilt(sos, clean, axis=0).astype(np.float32)
+            clean = W.lowpass(clean, float(lp))
         add("lowpass", clock() - t)
 
         t = clock()
@@ -102,12 +100,7 @@ def stage_times(paths: list[str], tok, schema) -> dict[str, list[float]]:
         add("windows", clock() - t)
 
         t = clock()
-        m = int(view.get("align_samples") or 0)
-        if m and wins.shape[0]:
-            wins = align_windows(wins, m)
-        if view.get("beat_norm") == "l2" and wins.shape[0]:
-            e = np.sqrt((wins.astype(np.float64) ** 2).sum(axis=2, keepdims=True))
-            wins = np.where(e > 1e-6, wins / np.maximum(e, 1e-6), 0.0).astype(np.float32)
+        wins = shape_windows(wins, view)
         add("align+norm", clock() - t)
 
         t = clock()

@@ -211,6 +211,11 @@ def beat_view(signal: np.ndarray, fs: float, r_peaks: np.ndarray, view: dict) ->
         # Same zero-phase order-4 Butterworth, designed once per cut-off (bit for bit).
         clean = W.lowpass(clean, float(lp))
     wins = W.beat_windows(clean, W.to_window_rate(r_peaks, fs))
+    return shape_windows(wins, view)
+
+
+def shape_windows(wins: np.ndarray, view: dict) -> np.ndarray:
+    """The view's last steps on cut windows: re-centre on R, then unit energy ("l2")."""
     m = int(view.get("align_samples") or 0)
     if m and wins.shape[0]:
         wins = align_windows(wins, m)
