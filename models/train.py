@@ -24,7 +24,14 @@ import sys
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from ecgtok.models.tokenizer import Tokenizer, _join, _read_bytes, fit_codebook, tokenizer_meta
+from ecgtok.models.tokenizer import (
+    DEFAULT_VIEW,
+    Tokenizer,
+    _join,
+    _read_bytes,
+    fit_codebook,
+    tokenizer_meta,
+)
 
 
 def _priority(seed: int, record_id: str, beat: int, lead: int) -> int:
@@ -41,7 +48,7 @@ def in_holdout(record_id: str, seed: int, fraction: float) -> bool:
 
 def beat_samples(ref, seed: int, per_record: int, holdout: float = 0.0, view: dict | None = None):
     """(priority, window) pairs for up to `per_record` beats × leads of one record."""
-    from ecgtok.models.tokenizer import DEFAULT_VIEW, beat_view
+    from ecgtok.models.tokenizer import beat_view
     from ecgtok.transforms.errors import RecordError
     from ecgtok.transforms.record_tokens import find_beats
     from ecgtok.transforms.wfdb_reader import read_record
@@ -75,6 +82,7 @@ def sample_beats(
     per_record: int,
     beam_args: list[str],
     holdout: float = 0.0,
+    view: dict | None = None,
 ):
     """Run the sampling Beam job and return the sampled windows (N, 96), sorted by priority."""
     import apache_beam as beam
@@ -93,7 +101,7 @@ def sample_beats(
         refs = [p | f"DiscoverRecords{i}" >> DiscoverRecords(s) for i, s in enumerate(sources)]
         _ = (
             (refs | "AllSources" >> beam.Flatten())
-            | "SampleBeats" >> beam.FlatMap(beat_samples, seed, per_record, holdout)
+            | "SampleBeats" >> beam.FlatMap(beat_samples, seed, per_record, holdout, view)
             | "KeepSmallestPriorities" >> beam.combiners.Top.Smallest(max_beats, key=lambda t: t[0])
             | "WriteSample" >> beam.Map(_write_sample, sample_path)
         )
@@ -128,7 +136,16 @@ def fit_tokenizer_main(argv: list[str]) -> int:
     ap.add_argument(
         "--holdout", type=float, default=0.0, help="fraction of records set aside (by id hash)"
     )
+    ap.add_argument(
+        "--beat-norm",
+        choices=("l2", "zl2", "none"),
+        default=None,
+        help="how each beat window is scaled (default: the tokenizer's default view)",
+    )
     args, beam_args = ap.parse_known_args(argv)
+    view = dict(DEFAULT_VIEW)
+    if args.beat_norm:
+        view["beat_norm"] = args.beat_norm
     if not FileSystems.exists(args.output):
         FileSystems.mkdirs(args.output)
     beats = sample_beats(
@@ -139,10 +156,11 @@ def fit_tokenizer_main(argv: list[str]) -> int:
         args.per_record,
         beam_args,
         args.holdout,
+        view,
     )
     codebook = fit_codebook(beats, args.vocab_size, args.seed)
     source = " ".join(_portable(s) for s in args.input)
-    meta = tokenizer_meta(codebook.shape[0], args.seed, len(beats), source)
+    meta = tokenizer_meta(codebook.shape[0], args.seed, len(beats), source, view)
     meta["holdout_fraction"] = args.holdout
     meta["per_record"] = args.per_record
     tok = Tokenizer(codebook, meta)

@@ -48,7 +48,6 @@ def _require(value, flag: str):
 
 
 def _resolve(opts: EcgtokOptions, mode: str, check_paths: bool = True) -> graph.JobConfig:
-    from ecgtok.models.model import check_model_tokenizer, load_model
     from ecgtok.models.tokenizer import Tokenizer
 
     src = _require(opts.input, "--input")
@@ -83,6 +82,9 @@ def _resolve(opts: EcgtokOptions, mode: str, check_paths: bool = True) -> graph.
         cfg.extra_columns = manifest_columns(src)
         cfg.tokenizer_id = Tokenizer.load(tok_dir).tokenizer_id
     if mode in (SCORE, RUN):
+        # Imported here: torch costs ~2 s, and `tokenize` never scores.
+        from ecgtok.models.model import check_model_tokenizer, load_model
+
         _, mcfg = load_model(model_dir, "cpu")
         cfg.model_id = mcfg["model_id"]
     if mode == SCORE and check_paths:

@@ -60,6 +60,28 @@ def test_guard_turns_a_hang_and_a_crash_into_error_rows_and_recovers(tmp_path):
         guard.close()
 
 
+def storage_hiccup(*_args):
+    raise ConnectionError("injected transient fault")
+
+
+def test_guard_hands_a_transient_error_back_so_beam_can_retry():
+    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.transforms.isolation import GuardedTokenizer
+
+    guard = GuardedTokenizer(default_tokenizer_dir(), 30, 0, work=storage_hiccup)
+    try:
+        with pytest.raises(ConnectionError, match="injected transient fault"):
+            guard.tokenize("any.hea", "x", 300.0, {})
+        # the child survives a raised error: no new process for the next record
+        child = guard._child
+        with pytest.raises(ConnectionError):
+            guard.tokenize("any.hea", "y", 300.0, {})
+        assert guard._child is child and child.is_alive()
+    finally:
+        guard.close()
+    assert guard._child is None
+
+
 def test_a_record_too_big_for_its_memory_bound_becomes_an_error_row(archive, tmp_path, capsys):
     bad = archive / "bad"
     bad.mkdir()

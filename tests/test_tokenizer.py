@@ -102,6 +102,43 @@ def test_beat_view_windows_have_unit_energy_and_r_near_centre():
     assert np.abs(np.argmax(np.abs(wins[:, 0]), axis=1) - T.W.R_INDEX).max() <= 1
 
 
+def test_zl2_view_makes_the_nearest_word_the_highest_pearson_r():
+    rng = np.random.default_rng(3)
+    wins = T.shape_windows(
+        rng.standard_normal((200, 1, 96)).astype(np.float32), {"beat_norm": "zl2"}
+    )
+    flat = wins[:, 0]
+    np.testing.assert_allclose(flat.mean(axis=1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(flat, axis=1), 1.0, rtol=1e-5)
+    tok = Tokenizer(codebook=flat[:50].copy(), meta={"tokenizer_id": "t", "beat_norm": "zl2"})
+    r = np.stack([T.pearson_r(flat, np.repeat(c[None], len(flat), 0)) for c in tok.codebook], 1)
+    np.testing.assert_array_equal(tok.assign(flat), r.argmax(axis=1))
+
+
+def test_resample_first_view_matches_the_filter_first_view_on_real_records():
+    """The cheap order (resample, then one filter at 100 Hz) sees the same beats."""
+    from ecgtok.transforms.wfdb_reader import read_record
+
+    for sub, rid in (("cinc2021_12lead", "G12EC/E00001"), ("mitdb", "203")):
+        rec = read_record(data_path(sub, rid + ".hea"), rid)
+        x = rec.signal[: int(60 * rec.fs)]
+        old = T.W.lowpass(T.W.clean_for_windows(x, rec.fs), 25.0)
+        new = T.W.resample_then_filter(x, rec.fs, 25.0)
+        assert new.shape == old.shape and new.dtype == np.float32
+        r = T.pearson_r(old[100:-100].T, new[100:-100].T)
+        assert np.nanmin(r) > 0.98, (rid, r)
+
+
+def test_resample_first_view_reads_missing_samples_as_baseline():
+    fs = 360.0
+    x = np.sin(2 * np.pi * 1.2 * np.arange(int(10 * fs)) / fs)[:, None].repeat(2, axis=1)
+    x[500:520, 0] = np.nan
+    x[:, 1] = np.nan  # a lead with nothing at all
+    y = T.W.resample_then_filter(x, fs, 25.0)
+    assert np.isfinite(y).all()
+    assert np.abs(y[:, 1]).max() == 0.0 and np.abs(y[:, 0]).max() > 0.5
+
+
 # ---- the shipped tokenizer on real records ------------------------------------------------
 def test_shipped_tokenizer_loads_with_its_settings():
     tok = Tokenizer.load(default_tokenizer_dir())

@@ -3,7 +3,8 @@
 A decoder that loops forever, a record that needs 50 GB, or a segfault in a C extension
 must cost one error row, not the job. Beam's `with_exception_handling(use_subprocess=True)`
 forks a process per element; this keeps one long-lived child per DoFn instance instead
-(started once, with the tokenizer loaded once), sends it one record at a time, and:
+(started once, with the tokenizer loaded once), sends it one record at a time over a
+pipe, and:
 
 * waits at most `timeout_s` for the answer, then kills and replaces the child;
 * caps the child's address space at `memory_mb` (RLIMIT_AS), so a huge allocation fails
@@ -11,14 +12,18 @@ forks a process per element; this keeps one long-lived child per DoFn instance i
 * turns a child that died (segfault, OOM kill) into an error row and starts a new one.
 
 The child is started with `spawn`, never `fork`: the parent runs gRPC threads.
+
+Why a bare pipe and not `concurrent.futures.ProcessPoolExecutor` (which this used
+first): the executor moves every call through a queue-management thread and a feeder
+thread in the parent, four thread hand-offs per record against Beam's own threads for
+the GIL. That cost 3.7 ms of wall time per 10 s 12-lead record, a third of the record's
+own work (`benchmarks/profile_record.py`, "guard IPC").
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures.process import BrokenProcessPool
 
 from ecgtok.transforms.errors import RecordError
 
@@ -28,7 +33,9 @@ _TOKENIZER = None
 _POLICY = None
 
 
-def _init_child(memory_mb: int, tokenizer_dir: str, deid) -> None:
+def _init_child(memory_mb: int, tokenizer_dir: str, deid: tuple | None) -> None:
+    """`deid` is (key_file, carry_identifiers) or None: plain values, so unpickling the
+    arguments does not import `pipeline.discovery`, and with it Beam (1.5 s per child)."""
     global _TOKENIZER, _POLICY
     if memory_mb > 0:
         import resource
@@ -38,11 +45,37 @@ def _init_child(memory_mb: int, tokenizer_dir: str, deid) -> None:
     from ecgtok.models.tokenizer import Tokenizer
 
     _TOKENIZER = Tokenizer.load(tokenizer_dir)
-    _POLICY = deid.policy() if deid is not None else None
+    if deid is not None:
+        from ecgtok.transforms.formats.deid import DeidPolicy
+
+        _POLICY = DeidPolicy.from_settings(*deid)
+    else:
+        _POLICY = None
 
 
-def _ready() -> bool:
-    return True
+def _child_main(conn, memory_mb: int, tokenizer_dir: str, deid, work) -> None:
+    """The child's loop: load once, then answer one request at a time until told to stop.
+
+    Answers are ('done', value) or ('raise', exception): an exception (a transient I/O
+    error, say) is re-raised in the parent, so Beam retries as if it ran in-process.
+    """
+    _init_child(memory_mb, tokenizer_dir, deid)
+    conn.send(("done", True))  # ready
+    while True:
+        try:
+            args = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if args is None:
+            return
+        try:
+            answer = ("done", work(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed back to the parent as is
+            answer = ("raise", exc)
+        try:
+            conn.send(answer)
+        except Exception as exc:  # an unpicklable answer must still be an answer
+            conn.send(("raise", RuntimeError(f"{type(exc).__name__}: {exc}")))
 
 
 def _tokenize_in_child(source_path: str, record_id: str, segment_s: float, extra: dict):
@@ -67,50 +100,74 @@ class GuardedTokenizer:
         # `work` runs in the child; tests swap in a function that hangs or crashes.
         self._work = work or _tokenize_in_child
         self._tokenizer_dir = tokenizer_dir
-        self._deid = deid
+        self._deid = None if deid is None else (deid.key_file, deid.carry_identifiers)
         self._timeout_s = timeout_s
         self._memory_mb = memory_mb
-        self._pool: ProcessPoolExecutor | None = None
+        self._child = None
+        self._conn = None
+        self._child_work = None
 
-    def _ensure_pool(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=1,
-                mp_context=mp.get_context("spawn"),
-                initializer=_init_child,
-                initargs=(self._memory_mb, self._tokenizer_dir, self._deid),
+    def _ensure_child(self):
+        if self._child is not None and self._child_work is not self._work:
+            self._discard_child()  # the work function changed (tests): a new child
+        if self._child is None:
+            ctx = mp.get_context("spawn")
+            parent_conn, child_conn = ctx.Pipe(duplex=True)
+            proc = ctx.Process(
+                target=_child_main,
+                args=(child_conn, self._memory_mb, self._tokenizer_dir, self._deid, self._work),
+                daemon=True,
             )
+            proc.start()
+            child_conn.close()
+            self._child, self._conn, self._child_work = proc, parent_conn, self._work
             # Start-up (imports, tokenizer) must not eat into the first record's time.
-            self._pool.submit(_ready).result(timeout=STARTUP_TIMEOUT_S)
-        return self._pool
+            self._answer(STARTUP_TIMEOUT_S, "starting the guarded process")
+        return self._conn
 
-    def _discard_pool(self) -> None:
-        pool, self._pool = self._pool, None
-        if pool is None:
-            return
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
-
-    def tokenize(self, source_path: str, record_id: str, segment_s: float, extra: dict) -> list:
-        future = self._ensure_pool().submit(self._work, source_path, record_id, segment_s, extra)
+    def _answer(self, timeout_s: float, what: str):
+        """The child's next answer, or a RecordError if it hangs or dies."""
+        conn = self._conn
+        if not conn.poll(timeout_s):
+            self._discard_child()
+            raise RecordError(STAGE, "timeout", f"{what} took longer than {timeout_s:g} s")
         try:
-            status, value = future.result(timeout=self._timeout_s)
-        except FutureTimeout:
-            self._discard_pool()
-            raise RecordError(
-                STAGE, "timeout", f"processing took longer than {self._timeout_s:g} s"
-            ) from None
-        except BrokenProcessPool:
-            self._discard_pool()
+            kind, value = conn.recv()
+        except (EOFError, OSError):  # the child died: crash, or killed for memory
+            self._discard_child()
             raise RecordError(
                 STAGE,
                 "worker_crashed",
                 "the process handling this record died (crash or out of memory)",
             ) from None
+        if kind == "raise":
+            raise value
+        return value
+
+    def _discard_child(self) -> None:
+        proc, conn = self._child, self._conn
+        self._child = self._conn = self._child_work = None
+        if proc is not None and proc.is_alive():
+            proc.kill()
+        if proc is not None:
+            proc.join(timeout=5)
+        if conn is not None:
+            conn.close()
+
+    def tokenize(self, source_path: str, record_id: str, segment_s: float, extra: dict) -> list:
+        request = (source_path, record_id, segment_s, extra)
+        try:
+            self._ensure_child().send(request)
+        except (BrokenPipeError, OSError):  # the idle child died: start another
+            self._discard_child()
+            self._ensure_child().send(request)
+        status, value = self._answer(self._timeout_s, "processing")
         if status == "error":
             raise RecordError(*value)
         return value
 
     def close(self) -> None:
-        self._discard_pool()
+        if self._conn is not None:
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self._conn.send(None)  # ask the child to exit
+        self._discard_child()
