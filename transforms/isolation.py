@@ -29,6 +29,9 @@ from ecgtok.transforms.errors import RecordError
 
 STAGE = "limits"
 STARTUP_TIMEOUT_S = 300.0
+# Requests written to the child ahead of its answers. Small requests (a path and an id):
+# a few dozen never fill the pipe's buffer, so writing them cannot block.
+PIPELINE_DEPTH = 32
 _TOKENIZER = None
 _POLICY = None
 
@@ -155,16 +158,54 @@ class GuardedTokenizer:
             conn.close()
 
     def tokenize(self, source_path: str, record_id: str, segment_s: float, extra: dict) -> list:
-        request = (source_path, record_id, segment_s, extra)
-        try:
-            self._ensure_child().send(request)
-        except (BrokenPipeError, OSError):  # the idle child died: start another
-            self._discard_child()
-            self._ensure_child().send(request)
-        status, value = self._answer(self._timeout_s, "processing")
-        if status == "error":
-            raise RecordError(*value)
-        return value
+        """One record's rows; raises RecordError (bounds, bad input) or a transient error."""
+        ((_, outcome),) = self.tokenize_many([(source_path, record_id, segment_s, extra)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def tokenize_many(self, requests: list[tuple]):
+        """Yield (index, rows or exception) for each (source_path, record_id, segment_s,
+        extra) request, in order.
+
+        All requests are written to the child at once and answered one by one, so the
+        child never waits for the parent between records (the parent writes the rows of
+        one record while the child reads the next). Each record keeps its own time
+        bound; after a timeout or a crash the records not yet answered go to a new child.
+        A transient error is yielded like any other exception; the caller re-raises it.
+        """
+        pending = list(enumerate(requests))
+        while pending:
+            sent = self._send_all(pending)
+            for k, (index, _) in enumerate(pending[:sent]):
+                try:
+                    status, value = self._answer(self._timeout_s, "processing")
+                    outcome = value if status == "ok" else RecordError(*value)
+                except RecordError as err:
+                    outcome = err
+                except Exception as exc:  # raised in the child (transient I/O, say)
+                    outcome = exc
+                yield index, outcome
+                if self._child is None:  # that record killed or hung the child
+                    pending = pending[k + 1 :]
+                    break
+            else:
+                pending = pending[sent:]
+
+    def _send_all(self, pending: list[tuple]) -> int:
+        """Write the requests (at most PIPELINE_DEPTH) to the child; how many were sent."""
+        batch = pending[:PIPELINE_DEPTH]
+        for attempt in (0, 1):
+            try:
+                conn = self._ensure_child()
+                for _, request in batch:
+                    conn.send(request)
+                return len(batch)
+            except (BrokenPipeError, OSError):  # the idle child died: start another
+                self._discard_child()
+                if attempt:
+                    raise
+        return 0
 
     def close(self) -> None:
         if self._conn is not None:

@@ -23,6 +23,8 @@ from ecgtok.transforms.errors import TRANSIENT_ERRORS, RecordError
 from ecgtok.transforms.schemas import extra_field_names
 
 NAMESPACE = "ecgtok"
+# Records per batch handed to one tokenizing DoFn call (one guarded-child pipeline).
+BATCH_RECORDS = 16
 ERRORS = "errors"
 _LOG = logging.getLogger(__name__)
 
@@ -98,33 +100,48 @@ class _TokenizeRecordFn(beam.DoFn):
         self._tokens = Metrics.counter(NAMESPACE, "tokens")
         self._segments = Metrics.counter(NAMESPACE, "segments")
 
-    def process(self, ref: RecordRef):
+    def process(self, refs: list[RecordRef]):
+        names = extra_field_names(self._extra_columns)
+        requests = [
+            (
+                ref.source_path,
+                ref.record_id,
+                self._segment_s,
+                {out: str(ref.extra.get(c, "")) for c, out in zip(self._extra_columns, names)},
+            )
+            for ref in refs
+        ]
+        for index, outcome in self._outcomes(requests):
+            ref = refs[index]
+            if isinstance(outcome, RecordError):
+                yield from self._fail(ref, outcome.stage, outcome.error_type, outcome.message)
+            elif isinstance(outcome, TRANSIENT_ERRORS):
+                # Transient I/O (a storage hiccup): let the runner retry the bundle.
+                raise outcome
+            elif isinstance(outcome, Exception):  # a bug must not sink the job
+                _LOG.error("unexpected failure on %s: %r", ref.record_id, outcome)
+                yield from self._fail(ref, "tokenize", type(outcome).__name__, str(outcome))
+            else:
+                yield from self._emit(outcome)
+
+    def _outcomes(self, requests: list[tuple]):
+        """(index, rows or exception) per request: in the guarded child, or in-process."""
+        if self._guard is not None:
+            yield from self._guard.tokenize_many(requests)
+            return
         from ecgtok.transforms.record_tokens import tokenize_record
 
-        names = extra_field_names(self._extra_columns)
-        extra = {out: str(ref.extra.get(c, "")) for c, out in zip(self._extra_columns, names)}
-        try:
-            if self._guard is not None:
-                rows = self._guard.tokenize(ref.source_path, ref.record_id, self._segment_s, extra)
-            else:
+        for index, (path, record_id, segment_s, extra) in enumerate(requests):
+            try:
                 rows = tokenize_record(
-                    ref.source_path,
-                    ref.record_id,
-                    self._tokenizer,
-                    self._segment_s,
-                    extra,
-                    self._policy,
+                    path, record_id, self._tokenizer, segment_s, extra, self._policy
                 )
-        except RecordError as err:
-            yield from self._fail(ref, err.stage, err.error_type, err.message)
-            return
-        except TRANSIENT_ERRORS:
-            # Transient I/O (a storage hiccup): let the runner retry the bundle.
-            raise
-        except Exception as exc:  # a bug must not sink the job: it becomes an error row
-            _LOG.exception("unexpected failure on %s", ref.record_id)
-            yield from self._fail(ref, "tokenize", type(exc).__name__, str(exc))
-            return
+            except Exception as exc:
+                yield index, exc
+            else:
+                yield index, rows
+
+    def _emit(self, rows: list[dict]):
         self._tokenized.inc()
         for row in rows:
             self._segments.inc()
@@ -168,8 +185,12 @@ class TokenizeRecords(beam.PTransform):
         )
 
     def expand(self, refs):
-        return refs | "ReadFindBeatsTokenize" >> beam.ParDo(self._fn).with_outputs(
-            ERRORS, main="rows"
+        # Records travel in small batches: the guarded child then gets the next record
+        # while the parent still writes the last one's rows (transforms/isolation.py).
+        return (
+            refs
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=BATCH_RECORDS)
+            | "ReadFindBeatsTokenize" >> beam.ParDo(self._fn).with_outputs(ERRORS, main="rows")
         )
 
 
