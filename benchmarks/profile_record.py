@@ -10,8 +10,11 @@ milliseconds per record and the share of the total:
     read               wfdb_reader.read_record (header parse + decode)
     detect             qrs.detect_r_peaks
     quality            beats.beat_quality
-    clean+resample     windows.clean_for_windows (0.5-40 Hz band-pass, resample to 100 Hz)
-    lowpass            the tokenizer view's 25 Hz low-pass at 100 Hz
+    clean+resample     windows.resample_then_filter (resample to 100 Hz, then 0.5-40 Hz
+                       band-pass and the view's low-pass in one pass); for tokenizers
+                       fitted before that view: windows.clean_for_windows (band-pass,
+                       resample)
+    lowpass            those older tokenizers' separate 25 Hz low-pass at 100 Hz
     windows            windows.beat_windows (cut, RR mask, median baseline)
     align+norm         tokenizer.shape_windows (re-centre + l2 normalisation)
     assign             codebook assignment (nearest of K words, vectorised)
@@ -85,15 +88,21 @@ def stage_times(paths: list[str], tok, schema) -> dict[str, list[float]]:
         add("quality", clock() - t)
 
         # The tokenizer's view, stage by stage (models.tokenizer.beat_view).
-        t = clock()
-        clean = W.clean_for_windows(rec.signal, rec.fs)
-        add("clean+resample", clock() - t)
-
-        t = clock()
         lp = view.get("lowpass_hz")
-        if lp and clean.shape[0] > 30:
-            clean = W.lowpass(clean, float(lp))
-        add("lowpass", clock() - t)
+        if view.get("resample_first"):  # one pass: resample, then band- and low-pass
+            t = clock()
+            clean = W.resample_then_filter(rec.signal, rec.fs, lp)
+            add("clean+resample", clock() - t)
+            add("lowpass", clock() - clock())
+        else:
+            t = clock()
+            clean = W.clean_for_windows(rec.signal, rec.fs)
+            add("clean+resample", clock() - t)
+
+            t = clock()
+            if lp and clean.shape[0] > 30:
+                clean = W.lowpass(clean, float(lp))
+            add("lowpass", clock() - t)
 
         t = clock()
         wins = W.beat_windows(clean, W.to_window_rate(r, rec.fs))
@@ -207,6 +216,7 @@ def main() -> None:
     )
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--limit", type=int, default=0, help="only the first N records")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: shipped)")
     a = ap.parse_args()
 
     from ecgtok.models.tokenizer import Tokenizer
@@ -216,7 +226,7 @@ def main() -> None:
     paths = records(a.records_dir)
     if a.limit:
         paths = paths[: a.limit]
-    tok_dir = default_tokenizer_dir()
+    tok_dir = a.tokenizer or default_tokenizer_dir()
     tok = Tokenizer.load(tok_dir)
     from ecgtok.transforms import record_tokens
 

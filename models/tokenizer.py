@@ -42,6 +42,7 @@ N_SPECIAL = 5
 RR_EDGES_S = np.geomspace(0.24, 2.0, 15)
 N_RHYTHM = len(RR_EDGES_S) + 2
 CODEBOOK_FILE = "codebook.npy"
+BASIS_FILE = "basis.npy"
 # Defaults of the beat view for newly fitted tokenizers (older artifacts lack the keys and
 # keep the plain view: no low-pass, no alignment, no normalisation, filter then resample).
 DEFAULT_VIEW = {
@@ -105,6 +106,9 @@ class Tokenizer:
 
     codebook: np.ndarray  # (K, WINDOW_LEN) float32
     meta: dict
+    # (d, WINDOW_LEN) orthonormal rows spanning the codebook, or None. The words then lie
+    # in a d-dimensional subspace and the nearest word is found there, exactly.
+    basis: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -131,21 +135,31 @@ class Tokenizer:
         """Nearest codebook entry for each row of `beats` (N, WINDOW_LEN), vectorised."""
         if beats.shape[0] == 0:
             return np.zeros(0, dtype=np.int64)
-        codebook_t, half_norm = self._search_arrays()
+        basis_t, codebook_t, half_norm = self._search_arrays()
+        x = np.asarray(beats, dtype=np.float32)
+        if basis_t is not None:
+            # Words lie in the span of the basis rows B, so x.c = (x B^T).(c B^T): the
+            # same nearest word, found with d instead of 96 multiply-adds per pair.
+            x = x @ basis_t
         # argmin |x - c|^2 = argmin |c|^2 - 2 x.c = argmax x.c - |c|^2 / 2 (the same
         # numbers scaled by -2, so the same winner, ties included). Subtracting in place
         # from the one product avoids fresh (N, K) temporaries, whose page faults cost
         # more than the product itself: 1.9 -> 0.7 ms for 144 windows at K = 2048.
-        scores = np.asarray(beats, dtype=np.float32) @ codebook_t
+        scores = x @ codebook_t
         scores -= half_norm
         return np.argmax(scores, axis=1).astype(np.int64)
 
-    def _search_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The codebook transposed (contiguous) and half its squared norms, made once."""
+    def _search_arrays(self) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        """(basis transposed or None, codebook transposed in the search space, half its
+        squared norms), made once per tokenizer."""
         cached = self.__dict__.get("_search")
         if cached is None:
             c = np.asarray(self.codebook, dtype=np.float32)
-            cached = (np.ascontiguousarray(c.T), 0.5 * (c * c).sum(axis=1))
+            basis_t = None
+            if self.basis is not None:
+                basis_t = np.ascontiguousarray(np.asarray(self.basis, dtype=np.float32).T)
+                c = c @ basis_t  # the words' coordinates in the subspace
+            cached = (basis_t, np.ascontiguousarray(c.T), 0.5 * (c * c).sum(axis=1))
             self.__dict__["_search"] = cached
         return cached
 
@@ -193,7 +207,14 @@ class Tokenizer:
         FileSystems.mkdirs(folder) if not FileSystems.exists(folder) else None
         npy = _npy_bytes(self.codebook)
         meta = {k: v for k, v in self.meta.items() if k != "tokenizer_id"}
-        meta["tokenizer_id"] = content_hash(npy, _canonical(meta))
+        parts = [npy]
+        if self.basis is not None:
+            meta["search_dims"] = int(self.basis.shape[0])
+            parts.append(_npy_bytes(self.basis))
+            _write_bytes(_join(folder, BASIS_FILE), parts[-1])
+        else:
+            meta.pop("search_dims", None)
+        meta["tokenizer_id"] = content_hash(*parts, _canonical(meta))
         self.meta = meta
         _write_bytes(_join(folder, CODEBOOK_FILE), npy)
         _write_bytes(_join(folder, META_FILE), json.dumps(meta, indent=2).encode())
@@ -214,7 +235,10 @@ class Tokenizer:
             )
         claimed = meta.get("tokenizer_id")
         rest = {k: v for k, v in meta.items() if k != "tokenizer_id"}
-        actual = content_hash(npy, _canonical(rest))
+        parts = [npy]
+        if meta.get("search_dims"):
+            parts.append(_read_bytes(_join(folder, BASIS_FILE)))
+        actual = content_hash(*parts, _canonical(rest))
         if claimed != actual:
             raise ArtifactError(
                 f"tokenizer {folder} fails its content check (id {claimed!r}, content {actual!r}): "
@@ -225,7 +249,12 @@ class Tokenizer:
             raise ArtifactError(
                 f"tokenizer {folder}: codebook shape {codebook.shape} is not (K, 96)"
             )
-        return cls(codebook=codebook, meta=meta)
+        basis = None
+        if len(parts) > 1:
+            basis = np.load(io.BytesIO(parts[1]), allow_pickle=False).astype(np.float32)
+            if basis.ndim != 2 or basis.shape != (meta["search_dims"], W.WINDOW_LEN):
+                raise ArtifactError(f"tokenizer {folder}: basis shape {basis.shape} is wrong")
+        return cls(codebook=codebook, meta=meta, basis=basis)
 
 
 def beat_view(signal: np.ndarray, fs: float, r_peaks: np.ndarray, view: dict) -> np.ndarray:
@@ -323,7 +352,7 @@ def tokenizer_meta(
 
 
 def fit_codebook(beats: np.ndarray, vocab_size: int, seed: int = 0) -> np.ndarray:
-    """Mini-batch k-means on beat windows (N, WINDOW_LEN); seeded and deterministic."""
+    """Mini-batch k-means on beat windows (N, D); seeded and deterministic."""
     from sklearn.cluster import MiniBatchKMeans
 
     beats = np.asarray(beats, dtype=np.float32)
@@ -340,6 +369,38 @@ def fit_codebook(beats: np.ndarray, vocab_size: int, seed: int = 0) -> np.ndarra
     centers = km.cluster_centers_.astype(np.float32)
     # Order words by energy so ids are stable and small ids are quiet beats.
     return centers[np.argsort((centers**2).sum(axis=1), kind="stable")]
+
+
+def principal_basis(beats: np.ndarray, dims: int) -> np.ndarray:
+    """The `dims` orthonormal rows (dims, D) that hold most of the windows' energy.
+
+    Uncentred SVD of the sample; each row's sign is fixed (largest entry positive) so the
+    same sample always gives the same basis.
+    """
+    x = np.asarray(beats, dtype=np.float64)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    basis = vt[:dims]
+    flip = np.sign(basis[np.arange(basis.shape[0]), np.abs(basis).argmax(axis=1)])
+    return (basis * flip[:, None]).astype(np.float32)
+
+
+def fit_codebook_in_subspace(
+    beats: np.ndarray, vocab_size: int, dims: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(codebook (K, D), basis (dims, D) or None): k-means on the windows' coordinates in
+    their `dims` principal directions, words mapped back to waveforms.
+
+    Low-passed at 25 Hz and sampled at 100 Hz, a beat window has far fewer than 96
+    degrees of freedom: 48 directions keep 99.9% of the energy. Words that lie in that
+    subspace make the nearest-word search exact with half the arithmetic, which is what
+    lets the vocabulary grow (see `Tokenizer.assign`). dims <= 0 or >= D: plain k-means.
+    """
+    beats = np.asarray(beats, dtype=np.float32)
+    if dims <= 0 or dims >= beats.shape[1]:
+        return fit_codebook(beats, vocab_size, seed), None
+    basis = principal_basis(beats, dims)
+    coords = fit_codebook(beats @ basis.T, vocab_size, seed)
+    return (coords @ basis).astype(np.float32), basis
 
 
 def build_sentence(

@@ -29,7 +29,7 @@ from ecgtok.models.tokenizer import (
     Tokenizer,
     _join,
     _read_bytes,
-    fit_codebook,
+    fit_codebook_in_subspace,
     tokenizer_meta,
 )
 
@@ -129,7 +129,13 @@ def fit_tokenizer_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="ecgtok fit-tokenizer")
     ap.add_argument("--input", required=True, nargs="+", help="one or more archives")
     ap.add_argument("--output", required=True)
-    ap.add_argument("--vocab-size", type=int, default=512)
+    ap.add_argument("--vocab-size", type=int, default=4096)
+    ap.add_argument(
+        "--search-dims",
+        type=int,
+        default=48,
+        help="fit and search words in this many principal directions (0: all 96)",
+    )
     ap.add_argument("--max-beats", type=int, default=120_000)
     ap.add_argument("--per-record", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
@@ -158,12 +164,14 @@ def fit_tokenizer_main(argv: list[str]) -> int:
         args.holdout,
         view,
     )
-    codebook = fit_codebook(beats, args.vocab_size, args.seed)
+    codebook, basis = fit_codebook_in_subspace(
+        beats, args.vocab_size, args.search_dims, args.seed
+    )
     source = " ".join(_portable(s) for s in args.input)
     meta = tokenizer_meta(codebook.shape[0], args.seed, len(beats), source, view)
     meta["holdout_fraction"] = args.holdout
     meta["per_record"] = args.per_record
-    tok = Tokenizer(codebook, meta)
+    tok = Tokenizer(codebook, meta, basis)
     tid = tok.save(args.output)
     print(json.dumps({"tokenizer_id": tid, "beats": len(beats), "codebook": list(codebook.shape)}))
     return 0

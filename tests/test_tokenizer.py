@@ -49,6 +49,47 @@ def test_tampered_meta_refused(tmp_path):
         Tokenizer.load(str(tmp_path))
 
 
+def _subspace_tokenizer(
+    k: int = 300, dims: int = 12, seed: int = 0
+) -> tuple[Tokenizer, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    smooth = np.cumsum(rng.normal(size=(4000, 96)), axis=1).astype(np.float32)  # low-pass-ish
+    codebook, basis = T.fit_codebook_in_subspace(smooth, k, dims, seed)
+    return Tokenizer(codebook, tokenizer_meta(k, seed, len(smooth), "t"), basis), smooth
+
+
+def test_subspace_search_finds_the_exact_nearest_word():
+    tok, smooth = _subspace_tokenizer()
+    assert tok.basis.shape == (12, 96)
+    np.testing.assert_allclose(tok.basis @ tok.basis.T, np.eye(12), atol=1e-5)
+    # the words lie in the basis' span, so searching there is exact
+    np.testing.assert_allclose(tok.codebook @ tok.basis.T @ tok.basis, tok.codebook, atol=1e-3)
+    x = np.vstack([smooth[:500], np.random.default_rng(1).normal(size=(500, 96))]).astype(
+        np.float32
+    )
+    full = ((x[:, None, :] - tok.codebook[None]) ** 2).sum(-1)
+    got = tok.assign(x)
+    best = full.min(axis=1)
+    # the same word, or (float rounding) one at the same distance
+    np.testing.assert_allclose(full[np.arange(len(x)), got], best, rtol=1e-4, atol=1e-3)
+    assert (got == full.argmin(axis=1)).mean() > 0.99
+
+
+def test_subspace_tokenizer_round_trip_and_tampered_basis_refused(tmp_path):
+    tok, smooth = _subspace_tokenizer(k=40, dims=8)
+    tid = tok.save(str(tmp_path))
+    back = Tokenizer.load(str(tmp_path))
+    assert back.tokenizer_id == tid and back.meta["search_dims"] == 8
+    np.testing.assert_array_equal(back.basis, tok.basis)
+    np.testing.assert_array_equal(back.assign(smooth[:200]), tok.assign(smooth[:200]))
+    path = tmp_path / T.BASIS_FILE
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="content check"):
+        Tokenizer.load(str(tmp_path))
+
+
 def test_missing_artifact_refused(tmp_path):
     with pytest.raises(ArtifactError):
         Tokenizer.load(str(tmp_path / "nowhere"))
