@@ -15,32 +15,92 @@ from __future__ import annotations
 
 import numpy as np
 
+WINDOW_BEATS = 48
+STEP_BEATS = 24
+# Rows with more beats than this (about 1.5 minutes) get a burden and episodes when scored.
+LONG_ROW_BEATS = 2 * WINDOW_BEATS
 
-def score_windows(model, row: dict, window_beats: int = 48, step_beats: int = 24) -> list:
+
+def mark_for_burden(ex: dict, row: dict) -> dict:
+    """Add the beat positions a long row's burden needs to its example (in place)."""
+    import torch
+
+    n = ex["rhythm"].shape[0]
+    if n > LONG_ROW_BEATS and row.get("r_peaks") is not None and row.get("fs"):
+        ex["r_peaks"] = torch.as_tensor(np.asarray(row["r_peaks"][:n], dtype=np.int64))
+        ex["fs"] = torch.tensor(float(row["fs"]), dtype=torch.float64)
+    return ex
+
+
+def burden_of_examples(model, examples: list[dict], threshold: float, device=None) -> dict:
+    """{index: af_burden() result} for the examples marked by `mark_for_burden`: all their
+    windows scored in one forward pass."""
+    import torch
+
+    from ecgtok.models.model import collate
+
+    owners, spans, parts = [], [], []
+    for i, ex in enumerate(examples):
+        if "r_peaks" not in ex:
+            continue
+        sp, pa_ = window_examples(ex)
+        owners += [i] * len(sp)
+        spans += sp
+        parts += pa_
+    if not parts:
+        return {}
+    with torch.inference_mode():
+        inputs = {k: v.to(device) if device else v for k, v in collate(parts).items()}
+        p = model(**inputs)["p_af"].float().cpu().numpy()
+    windows: dict[int, list] = {}
+    for i, (s, e), q in zip(owners, spans, p, strict=True):
+        windows.setdefault(i, []).append((s, e, float(q)))
+    out = {}
+    for i, win in windows.items():
+        ex = examples[i]
+        beats = {"r_peaks": ex["r_peaks"].numpy(), "fs": float(ex["fs"])}
+        out[i] = af_burden(beats, win, threshold)
+    return out
+
+
+def window_examples(
+    ex: dict, window_beats: int = WINDOW_BEATS, step_beats: int = STEP_BEATS
+) -> tuple[list[tuple[int, int]], list[dict]]:
+    """([(first, end)], [example]) for each run of `window_beats` beats of an example
+    (`models.model.row_to_example`), every `step_beats`; the last run ends at the last beat."""
+    t = ex["rhythm"].shape[0]
+    if t == 0:
+        return [], []
+    starts = list(range(0, max(1, t - window_beats + 1), step_beats))
+    if starts[-1] + window_beats < t:
+        starts.append(t - window_beats)
+    spans, parts = [], []
+    for s in starts:
+        e = min(t, s + window_beats)
+        part = {k: v for k, v in ex.items() if k in ("leads", "tokenizer")}
+        part["words"], part["rhythm"] = ex["words"][:, s:e], ex["rhythm"][s:e]
+        if "rr" in ex:
+            part["rr"] = ex["rr"][s:e]
+        spans.append((s, e))
+        parts.append(part)
+    return spans, parts
+
+
+def score_windows(
+    model, row: dict, window_beats: int = WINDOW_BEATS, step_beats: int = STEP_BEATS
+) -> list:
     """p_af of each run of `window_beats` beats of a token row: [(first, end, p_af)]."""
     import torch
 
     from ecgtok.models.model import collate, row_to_example
 
-    ex = row_to_example(row, max_beats=10**9)
-    t = ex["rhythm"].shape[0]
-    if t == 0:
+    spans, parts = window_examples(row_to_example(row, max_beats=10**9), window_beats, step_beats)
+    if not parts:
         return []
-    starts = list(range(0, max(1, t - window_beats + 1), step_beats))
-    if starts[-1] + window_beats < t:
-        starts.append(t - window_beats)
-    parts = []
-    for s in starts:
-        e = min(t, s + window_beats)
-        part = dict(ex)
-        part["words"], part["rhythm"] = ex["words"][:, s:e], ex["rhythm"][s:e]
-        if "rr" in ex:
-            part["rr"] = ex["rr"][s:e]
-        parts.append(part)
     model.eval()
     with torch.inference_mode():
         p = model(**collate(parts))["p_af"].numpy()
-    return [(s, min(t, s + window_beats), float(q)) for s, q in zip(starts, p, strict=True)]
+    return [(s, e, float(q)) for (s, e), q in zip(spans, p, strict=True)]
 
 
 def af_burden(

@@ -5,7 +5,8 @@ It is Beam's `PytorchModelHandlerKeyedTensor`, with two changes that the model n
 * `load_model` reads the safetensors artifact (local or gs://) and checks its hash,
   where Beam's default would `torch.load` a pickled state dict;
 * `run_inference` pads each batch, because records have different numbers of leads and
-  beats and Beam's default inference function stacks equal-shaped tensors only; and it
+  beats and Beam's default inference function stacks equal-shaped tensors only; it adds
+  AF burden and episodes for long rows (`models.burden`, windows of 48 beats); and it
   refuses (`ArtifactError`) examples made from another tokenizer's token rows, whose
   word ids would mean nothing to this model.
 """
@@ -19,6 +20,7 @@ import torch
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedTensor
 
+from ecgtok.models.burden import burden_of_examples
 from ecgtok.models.model import (
     WEIGHTS_FILE,
     EcgLM,
@@ -49,6 +51,7 @@ class EcgModelHandler(PytorchModelHandlerKeyedTensor):
         model, config = load_model(self._model_dir, pick_device(self._requested_device))
         model.model_id = config["model_id"]
         model.tokenizer_id = config.get("tokenizer_id", "")
+        model.p_af_threshold = float(config.get("p_af_threshold", 0.5))
         return model
 
     def run_inference(
@@ -63,8 +66,13 @@ class EcgModelHandler(PytorchModelHandlerKeyedTensor):
             inputs = {k: v.to(device) for k, v in collate(list(batch)).items()}
             out = model(**inputs)
         out = {k: v.float().cpu().numpy() for k, v in out.items()}
+        burden = burden_of_examples(
+            model, list(batch), getattr(model, "p_af_threshold", 0.5), device
+        )
         for i, example in enumerate(batch):
             inference = {k: v[i] for k, v in out.items()}
+            if i in burden:
+                inference.update(burden[i])
             yield PredictionResult(example, inference, model.model_id)
 
     def get_metrics_namespace(self) -> str:

@@ -228,6 +228,30 @@ def test_long_record_is_cut_into_disjoint_segments_covering_it(tmp_path, capsys)
     assert 2200 <= len(all_peaks) <= 2350  # the reference holds 2273 beats
 
 
+@pytest.mark.slow
+def test_long_af_record_scores_carry_af_burden_and_episodes(tmp_path, capsys):
+    """MIT-BIH 210 is in AF throughout; 117 is sinus rhythm. Score rows of their 5-minute
+    segments carry the segment's AF burden and its episodes, in the record's samples."""
+    dst = str(tmp_path / "out")
+    args = ["run", "--input", data_path("mitdb", "210.hea"), "--output", dst]
+    assert run_cli(args, capsys)[0] == 0
+    args = ["run", "--input", data_path("mitdb", "117.hea"), "--output", dst + "_sinus"]
+    assert run_cli(args, capsys)[0] == 0
+    scores = read_folder(os.path.join(dst, "scores")) + read_folder(dst + "_sinus/scores")
+    af = [r for r in scores if r["record_id"] == "210" and r["n_beats"] > 150]
+    sinus = [r for r in scores if r["record_id"] == "117" and r["n_beats"] > 150]
+    assert len(af) >= 5 and len(sinus) >= 5
+    assert np.median([r["af_burden"] for r in af]) > 0.7
+    assert max(r["af_burden"] for r in sinus) < 0.1
+    for r in af:
+        seg_end = r["start_sample"] + 300 * 360
+        for ep in r["af_episodes"]:
+            assert r["start_sample"] <= ep["start_sample"] < ep["end_sample"] < seg_end
+    # a short tail segment gets no burden
+    tails = [r for r in scores if r["n_beats"] <= 96]
+    assert all(r["af_burden"] is None and r["af_episodes"] == [] for r in tails)
+
+
 def test_flat_record_gets_a_token_row_without_beats_and_a_score(tmp_path, capsys):
     import wfdb
 

@@ -41,6 +41,16 @@ SCORE_FIELDS = [
     *[pa.field(h, pa.float32()) for h in HEADS],
     pa.field("n_beats", pa.int64()),
     pa.field("embedding", pa.list_(pa.float32())),
+    # Rows longer than ~1.5 min (Holter segments): the fraction of the row's time in AF
+    # episodes, and the episodes (R peak to R peak, samples at the record's rate); null
+    # and empty for short rows.
+    pa.field("af_burden", pa.float32()),
+    pa.field(
+        "af_episodes",
+        pa.list_(
+            pa.struct([pa.field("start_sample", pa.int64()), pa.field("end_sample", pa.int64())])
+        ),
+    ),
 ]
 
 ERROR_FIELDS = [

@@ -213,6 +213,11 @@ def _to_score_row(keyed, extra_columns: list[str]) -> dict:
         "model_id": result.model_id,
         "n_beats": int(result.example["rhythm"].shape[0]),
         "embedding": [float(x) for x in inf["embedding"]],
+        # long rows only (models.burden): fraction of the row's time in AF, and when
+        "af_burden": inf.get("af_burden"),
+        "af_episodes": [
+            {"start_sample": int(a), "end_sample": int(b)} for a, b in inf.get("af_episodes", [])
+        ],
     }
     for head in HEADS:
         row[head] = float(inf[head]) if head in inf else None
@@ -236,6 +241,7 @@ class ScoreRecords(beam.PTransform):
         # Imported here: torch and RunInference are only needed by jobs that score.
         from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
+        from ecgtok.models.burden import mark_for_burden
         from ecgtok.models.handler import EcgModelHandler
         from ecgtok.models.model import row_to_example
 
@@ -243,7 +249,8 @@ class ScoreRecords(beam.PTransform):
         handler = KeyedModelHandler(EcgModelHandler(self._model_dir, self._device, self._batch))
         return (
             rows
-            | "ToExamples" >> beam.Map(lambda r: (_score_key(r, extra), row_to_example(r)))
+            | "ToExamples"
+            >> beam.Map(lambda r: (_score_key(r, extra), mark_for_burden(row_to_example(r), r)))
             | "RunInference" >> RunInference(handler)
             | "ToScoreRows" >> beam.Map(_to_score_row, extra)
         )
