@@ -60,6 +60,42 @@ def test_guard_turns_a_hang_and_a_crash_into_error_rows_and_recovers(tmp_path):
         guard.close()
 
 
+def hang_or_crash_on_some(source_path, record_id, *_args):
+    """Answers most records; hangs on 'hang', crashes on 'crash', fails on 'bad'."""
+    import ctypes
+    import time
+
+    if record_id == "hang":
+        time.sleep(3600)
+    if record_id == "crash":
+        ctypes.string_at(0)
+    if record_id == "bad":
+        return "error", ("read", "not_a_header", "bad record")
+    return "ok", [{"record_id": record_id}]
+
+
+def test_a_batch_keeps_going_past_a_hang_and_a_crash_in_its_middle():
+    """Records are pipelined to the child in batches; one that hangs or kills the child
+    costs its own error row, and every other record of the batch is still answered."""
+    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.transforms.errors import RecordError
+    from ecgtok.transforms.isolation import GuardedTokenizer
+
+    ids = ["a", "hang", "b", "bad", "crash", "c", "d"]
+    guard = GuardedTokenizer(default_tokenizer_dir(), 3, 0, work=hang_or_crash_on_some)
+    try:
+        out = list(guard.tokenize_many([("p", rid, 300.0, {}) for rid in ids]))
+    finally:
+        guard.close()
+    assert [i for i, _ in out] == list(range(len(ids)))
+    got = dict(zip(ids, (o for _, o in out), strict=True))
+    for rid in ("a", "b", "c", "d"):
+        assert got[rid] == [{"record_id": rid}]
+    assert isinstance(got["hang"], RecordError) and got["hang"].error_type == "timeout"
+    assert isinstance(got["crash"], RecordError) and got["crash"].error_type == "worker_crashed"
+    assert isinstance(got["bad"], RecordError) and got["bad"].error_type == "not_a_header"
+
+
 def storage_hiccup(*_args):
     raise ConnectionError("injected transient fault")
 
