@@ -29,7 +29,8 @@ HEADS = ("p_af", "p_noisy", "p_other_rhythm")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MAX_BEATS = 512
-N_RR_FEATURES = 8
+N_RR_FEATURES = 22
+RHYTHM_BLOCK = 128  # beats per block for the row-level rhythm statistics
 
 
 class EcgLM(nn.Module):
@@ -45,6 +46,9 @@ class EcgLM(nn.Module):
         heads: tuple[str, ...] = HEADS,
         dropout: float = 0.1,
         rr_features: int = 0,
+        shape_dim: int = 0,
+        pool: str = "mean",
+        rr_head: int = 0,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
@@ -53,6 +57,12 @@ class EcgLM(nn.Module):
         self.lead = nn.Embedding(N_LEAD_IDS, d_model)
         self.rhythm = nn.Embedding(vocab_size, d_model, padding_idx=PAD)
         self.pos = nn.Embedding(max_beats, d_model)
+        # Optional: each morphology word also gets a linear map of its codebook centroid
+        # (the beat waveform it stands for), so words of similar shape share what they learn.
+        self.shape_dim = int(shape_dim)
+        if self.shape_dim:
+            self.register_buffer("shapes", torch.zeros(vocab_size, self.shape_dim))
+            self.shape_proj = nn.Linear(self.shape_dim, d_model, bias=False)
         # Exact RR intervals (not only their bins): irregularity is AF's first sign.
         self.rr_features = int(rr_features)
         self.rr = nn.Linear(self.rr_features, d_model) if self.rr_features else None
@@ -62,7 +72,24 @@ class EcgLM(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.mlm = nn.Linear(d_model, vocab_size)
-        self.task = nn.Linear(d_model, len(self.heads))
+        # "meanmax": the heads read the masked mean and the masked max of the beat states,
+        # so a short episode (paroxysmal AF in a long recording) is not averaged away.
+        if pool not in ("mean", "meanmax"):
+            raise ValueError(f"pool must be 'mean' or 'meanmax', not {pool!r}")
+        self.pool = pool
+        # rr_head > 0: the heads also read a small MLP of the beats' mean RR features (the
+        # row's rhythm statistics), a direct nonlinear path beside the encoder.
+        self.rr_head = int(rr_head) if self.rr_features else 0
+        self.rr_mlp = (
+            nn.Sequential(nn.Linear(self.rr_features, self.rr_head), nn.GELU())
+            if self.rr_head
+            else None
+        )
+        self.task = nn.Linear(self.head_inputs(d_model), len(self.heads))
+
+    def head_inputs(self, d_model: int) -> int:
+        """Width of what the task heads read."""
+        return d_model * (2 if self.pool == "meanmax" else 1) + self.rr_head
 
     def encode(
         self,
@@ -73,7 +100,7 @@ class EcgLM(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """words (B, L, T), rhythm (B, T), leads (B, L), rr (B, T, F) -> states (B, T, D), mask."""
         lead_present = (leads >= 0).float()  # (B, L)
-        x = self.word(words) + self.lead(leads.clamp(min=0))[:, :, None, :]
+        x = self.word_vectors(words) + self.lead(leads.clamp(min=0))[:, :, None, :]
         x = (x * lead_present[:, :, None, None]).sum(1) / lead_present.sum(1).clamp(min=1)[
             :, None, None
         ]
@@ -93,6 +120,18 @@ class EcgLM(nn.Module):
         h = self.encoder(x, src_key_padding_mask=~attend)
         return self.norm(h), beat_mask
 
+    def word_vectors(self, words: torch.Tensor) -> torch.Tensor:
+        """Morphology-word embeddings (+ the projected centroid waveform when enabled)."""
+        if not self.shape_dim:
+            return self.word(words)
+        table = self.word.weight + self.shape_proj(self.shapes)
+        return nn.functional.embedding(words, table, padding_idx=PAD)
+
+    def set_word_shapes(self, shapes: np.ndarray) -> None:
+        """Store the centroid waveform of every word (rows of zeros for non-morphology ids)."""
+        s = torch.as_tensor(np.asarray(shapes, dtype=np.float32))
+        self.shapes.copy_(s / s.std().clamp(min=1e-6))
+
     def forward(
         self,
         words: torch.Tensor,
@@ -103,7 +142,17 @@ class EcgLM(nn.Module):
         h, mask = self.encode(words, rhythm, leads, rr)
         m = mask.float()[:, :, None]
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-        probs = torch.sigmoid(self.task(pooled))
+        feats = pooled
+        if self.pool == "meanmax":
+            hmax = h.masked_fill(~mask[:, :, None], float("-inf")).amax(1)
+            hmax = torch.where(mask.any(1)[:, None], hmax, torch.zeros_like(hmax))
+            feats = torch.cat([pooled, hmax], dim=1)
+        if self.rr_mlp is not None:
+            if rr is None:
+                rr = torch.zeros(rhythm.shape + (self.rr_features,), device=words.device)
+            rr_mean = (rr[..., : self.rr_features] * m).sum(1) / m.sum(1).clamp(min=1.0)
+            feats = torch.cat([feats, self.rr_mlp(rr_mean)], dim=1)
+        probs = torch.sigmoid(self.task(feats))
         out = {name: probs[:, i] for i, name in enumerate(self.heads)}
         out["embedding"] = pooled
         return out
@@ -152,6 +201,64 @@ def rr_features(r_peaks, fs: float) -> np.ndarray:
     big = (absr > 0.1).astype(np.float64) * valid
     out[:, 6] = _window_sum(big, 4) / np.maximum(_window_sum(valid, 4), 1.0)
     out[:, 7] = big.sum() / max(valid.sum(), 1.0)
+    if N_RR_FEATURES > 8:
+        small = (absr > 0.04).astype(np.float64) * valid
+        out[:, 21] = _window_sum(small, 4) / np.maximum(_window_sum(valid, 4), 1.0)
+        # Row-level rhythm statistics, per block of up to RHYTHM_BLOCK beats (a whole short
+        # recording; local summaries of a long one, so the cost stays linear).
+        n_blocks = max(1, int(np.ceil(t / RHYTHM_BLOCK)))
+        for idx in np.array_split(np.arange(t), n_blocks):
+            lo, hi = int(idx[0]), int(idx[-1])
+            out[lo : hi + 1, 8:21] = _rhythm_stats(lrr[lo:hi])
+    return out
+
+
+def _sample_entropy(x: np.ndarray, r: float, m: int = 1) -> float:
+    """Sample entropy (template length m, tolerance r), smoothed so short rows stay finite."""
+    n = x.size
+    if n < m + 2:
+        return 0.0
+    e_m = np.lib.stride_tricks.sliding_window_view(x, m)[: n - m]
+    e_m1 = np.lib.stride_tricks.sliding_window_view(x, m + 1)
+    b = (np.abs(e_m[:, None, :] - e_m[None, :, :]).max(-1) <= r).sum() - e_m.shape[0]
+    a = (np.abs(e_m1[:, None, :] - e_m1[None, :, :]).max(-1) <= r).sum() - e_m1.shape[0]
+    return float(-np.log((a + 1.0) / (b + 1.0)))
+
+
+def _rhythm_stats(lrr: np.ndarray) -> np.ndarray:
+    """13 irregularity statistics of a run of log RR intervals (s), each of order 1.
+
+    Successive-difference rates at 2/4/6/20%, the coefficient of sample entropy (COSEn,
+    r = 30 ms) and the sample entropy of log RR, the 6% rate with ectopic short-long pairs
+    left out and the fraction of such pairs, the fraction of RRs within 5% and 10% of the
+    median, the RR histogram's entropy, the turning-point ratio and the spread (MAD).
+    """
+    out = np.zeros(13, dtype=np.float64)
+    if lrr.size < 3:
+        return out
+    d = np.diff(lrr)
+    a = np.abs(d)
+    med = np.median(lrr)
+    for i, thr in enumerate((0.02, 0.04, 0.06, 0.2)):
+        out[i] = (a > thr).mean()
+    rr = np.exp(lrr)
+    se = _sample_entropy(rr, 0.03)
+    out[4] = (se + np.log(0.06) - np.log(rr.mean()) + 1.0) / 2.0
+    out[5] = _sample_entropy(lrr, 0.05) / 2.0
+    ect = np.zeros(d.size, dtype=bool)
+    pair = (d[:-1] < -0.15) & (d[1:] > 0.1)
+    ect[:-1] |= pair
+    ect[1:] |= pair
+    out[6] = (a[~ect] > 0.06).mean() if (~ect).any() else 0.0
+    out[7] = ect.mean() * 2.0
+    dev = np.abs(lrr - med)
+    out[8] = (dev < 0.05).mean()
+    out[9] = (dev < 0.1).mean()
+    h, _ = np.histogram(lrr - med, bins=16, range=(-0.8, 0.8))
+    p = h[h > 0] / max(h.sum(), 1)
+    out[10] = float(-(p * np.log(p)).sum()) / np.log(16)
+    out[11] = ((d[1:] * d[:-1]) < 0).mean() if d.size > 1 else 0.0
+    out[12] = np.median(dev) * 4.0
     return out
 
 

@@ -164,9 +164,7 @@ def fit_tokenizer_main(argv: list[str]) -> int:
         args.holdout,
         view,
     )
-    codebook, basis = fit_codebook_in_subspace(
-        beats, args.vocab_size, args.search_dims, args.seed
-    )
+    codebook, basis = fit_codebook_in_subspace(beats, args.vocab_size, args.search_dims, args.seed)
     source = " ".join(_portable(s) for s in args.input)
     meta = tokenizer_meta(codebook.shape[0], args.seed, len(beats), source, view)
     meta["holdout_fraction"] = args.holdout
@@ -402,8 +400,19 @@ def _set_threads() -> None:
     torch.set_num_threads(max(1, int(os.environ.get("ECGTOK_TORCH_THREADS", "1"))))
 
 
-def pretrain(rows: list[dict], vocab_size: int, epochs: int, seed: int, arch: dict, log=print):
-    """Masked-beat pretraining: hide 15% of beats (all leads) and predict their words."""
+def pretrain(
+    rows: list[dict],
+    vocab_size: int,
+    epochs: int,
+    seed: int,
+    arch: dict,
+    log=print,
+    shapes: np.ndarray | None = None,
+):
+    """Masked-beat pretraining: hide 15% of beats (all leads) and predict their words.
+
+    `shapes` (vocab_size, 96): each word's centroid waveform, for `arch["shape_dim"]`.
+    """
     import torch
 
     from ecgtok.models.model import EcgLM, collate, row_to_example
@@ -413,6 +422,8 @@ def pretrain(rows: list[dict], vocab_size: int, epochs: int, seed: int, arch: di
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = EcgLM(vocab_size, **arch)
+    if model.shape_dim:
+        model.set_word_shapes(shapes)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     examples = [row_to_example(r) for r in rows if len(r["rhythm"]) >= 2]
     for epoch in range(epochs):
@@ -494,6 +505,7 @@ def finetune(
     log=print,
     lr=5e-4,
     max_beats: int = 48,
+    min_beats: int = 8,
 ):
     """Fit the task heads and the encoder on labelled rows; missing labels are masked.
 
@@ -527,7 +539,7 @@ def finetune(
         for idx in _batches(len(data), 32, rng):
             exs = []
             for i in idx:
-                exs.append(_lead_dropout(_crop(data[i][0], rng, max_beats, 8), rng))
+                exs.append(_lead_dropout(_crop(data[i][0], rng, max_beats, min_beats), rng))
             b = collate(exs)
             y = torch.from_numpy(np.stack([data[i][1] for i in idx]))
             out = model(**b)
@@ -608,16 +620,51 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
     return ap
 
 
+def word_shapes(tok) -> np.ndarray:
+    """(vocab_size, window) centroid waveform of every morphology word; 0 for other ids."""
+    k = tok.codebook.shape[0]
+    out = np.zeros((tok.vocab_size, tok.codebook.shape[1]), dtype=np.float32)
+    out[tok.morph_offset : tok.morph_offset + k] = tok.decode(np.arange(k) + tok.morph_offset)
+    return out
+
+
 def pretrain_main(argv: list[str]) -> int:
     from ecgtok.models.model import HEADS, N_RR_FEATURES, save_model
     from ecgtok.pipeline.options import default_tokenizer_dir
 
-    args = _train_parser("ecgtok pretrain").parse_args(argv)
+    ap = _train_parser("ecgtok pretrain")
+    ap.add_argument(
+        "--pool",
+        choices=("mean", "meanmax"),
+        default="meanmax",
+        help="what the heads read: the mean of the beat states, or their mean and max",
+    )
+    ap.add_argument(
+        "--rr-head",
+        type=int,
+        default=0,
+        help="width of an MLP of the row's mean RR features that the heads also read (0: none)",
+    )
+    ap.add_argument(
+        "--word-shapes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add a linear map of each word's codebook waveform to its embedding",
+    )
+    args = ap.parse_args(argv)
     tok = Tokenizer.load(args.tokenizer or default_tokenizer_dir())
     rows = load_token_rows(args.tokens)
     check_rows_tokenizer(rows, tok.tokenizer_id)
     arch = {"d_model": args.d_model, "n_layers": args.layers, "rr_features": N_RR_FEATURES}
-    model = pretrain(rows, tok.vocab_size, args.epochs, args.seed, arch, log=_err)
+    if args.pool != "mean":
+        arch["pool"] = args.pool
+    if args.rr_head:
+        arch["rr_head"] = args.rr_head
+    shapes = None
+    if args.word_shapes:
+        shapes = word_shapes(tok)
+        arch["shape_dim"] = int(shapes.shape[1])
+    model = pretrain(rows, tok.vocab_size, args.epochs, args.seed, arch, log=_err, shapes=shapes)
     config = {
         "arch": {"vocab_size": tok.vocab_size, **arch, "heads": list(HEADS)},
         "tokenizer_id": tok.tokenizer_id,
@@ -633,6 +680,27 @@ def pretrain_main(argv: list[str]) -> int:
     return 0
 
 
+def set_pool(model, config: dict, pool: str | None, rr_head: int | None = None):
+    """Switch what the (not yet fine-tuned) heads read: new heads if it changes."""
+    import torch
+
+    pool = pool or model.pool
+    rr_head = model.rr_head if rr_head is None else (rr_head if model.rr_features else 0)
+    if pool == model.pool and rr_head == model.rr_head:
+        return model, config
+    model.pool, model.rr_head = pool, rr_head
+    torch.manual_seed(0)
+    d = model.norm.normalized_shape[0]
+    model.rr_mlp = (
+        torch.nn.Sequential(torch.nn.Linear(model.rr_features, rr_head), torch.nn.GELU())
+        if rr_head
+        else None
+    )
+    model.task = torch.nn.Linear(model.head_inputs(d), len(model.heads))
+    config = {**config, "arch": {**config["arch"], "pool": pool, "rr_head": rr_head}}
+    return model, config
+
+
 def finetune_main(argv: list[str]) -> int:
     from ecgtok.models.model import HEADS, load_model, save_model
 
@@ -642,6 +710,9 @@ def finetune_main(argv: list[str]) -> int:
     ap.add_argument("--split", default=None, help="use only label rows of this split")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--crop-beats", type=int, default=48, help="longest training crop")
+    ap.add_argument("--min-crop", type=int, default=8, help="shortest training crop")
+    ap.add_argument("--pool", choices=("mean", "meanmax"), default=None, help="see pretrain")
+    ap.add_argument("--rr-head", type=int, default=None, help="see pretrain")
     ap.add_argument(
         "--p-af-threshold",
         type=float,
@@ -649,13 +720,21 @@ def finetune_main(argv: list[str]) -> int:
         help="operating point stored in config.json (from `ecgtok evaluate` cross-validation)",
     )
     args = ap.parse_args(argv)
-    model, config = load_model(args.init)
+    model, config = set_pool(*load_model(args.init), args.pool, args.rr_head)
     rows = load_token_rows(args.tokens)
     check_rows_tokenizer(rows, config["tokenizer_id"])
     labels = read_labels(args.labels, HEADS, args.split)
     pairs = labelled(rows, labels)
     model = finetune(
-        model, pairs, HEADS, args.epochs, args.seed, log=_err, lr=args.lr, max_beats=args.crop_beats
+        model,
+        pairs,
+        HEADS,
+        args.epochs,
+        args.seed,
+        log=_err,
+        lr=args.lr,
+        max_beats=args.crop_beats,
+        min_beats=args.min_crop,
     )
     config = {k: v for k, v in config.items() if k != "model_id"}
     config.update(
@@ -668,6 +747,7 @@ def finetune_main(argv: list[str]) -> int:
             "epochs": args.epochs,
             "lr": args.lr,
             "crop_beats": args.crop_beats,
+            "min_crop": args.min_crop,
             "seed": args.seed,
         },
     )
@@ -789,6 +869,9 @@ def evaluate_main(argv: list[str]) -> int:
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--crop-beats", type=int, default=48)
+    ap.add_argument("--min-crop", type=int, default=8)
+    ap.add_argument("--pool", choices=("mean", "meanmax"), default=None)
+    ap.add_argument("--rr-head", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=None, help="p_af operating point")
     ap.add_argument("--predictions", default=None, help="write per-row predictions CSV here")
@@ -803,6 +886,8 @@ def evaluate_main(argv: list[str]) -> int:
     ]
     preds = {h: np.full(len(pairs), np.nan) for h in HEADS}
     base_model, config = load_model(args.init or args.model)
+    if args.init:
+        base_model, config = set_pool(base_model, config, args.pool, args.rr_head)
     check_rows_tokenizer([r for r, _ in pairs], config["tokenizer_id"])
     fold = np.zeros(len(pairs), dtype=int)
     if args.model:
@@ -827,6 +912,7 @@ def evaluate_main(argv: list[str]) -> int:
                 log=_err,
                 lr=args.lr,
                 max_beats=args.crop_beats,
+                min_beats=args.min_crop,
             )
             out = predict(model, [pairs[i][0] for i in test])
             for h in HEADS:

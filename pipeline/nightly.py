@@ -88,6 +88,12 @@ AGG_FIELDS = [
     pa.field("p_af_max", pa.float64()),
     pa.field("p_af_mean", pa.float64()),
     pa.field("af_burden", pa.float64()),
+    pa.field(
+        "af_episodes",
+        pa.list_(
+            pa.struct([pa.field("start_sample", pa.int64()), pa.field("end_sample", pa.int64())])
+        ),
+    ),
     pa.field("p_noisy_max", pa.float64()),
     pa.field("p_other_rhythm_max", pa.float64()),
     pa.field("alert", pa.bool_()),
@@ -641,10 +647,16 @@ def _r(x):
 
 
 def aggregate(segments: list[dict], info: list[dict], threshold: float) -> dict[str, dict]:
-    """Segment scores -> per record: max/mean p_af, AF burden (time share of segments at
-    or above the threshold), the other heads' maxima, counts."""
+    """Segment scores -> per record: max/mean p_af, AF burden, AF episodes, the other
+    heads' maxima, counts.
+
+    AF burden is time-weighted over the record's segments: a long segment contributes the
+    burden its 48-beat windows found (`af_burden` of its score row), a short one all its
+    time when its p_af is at or above the threshold. Episodes are the segments' episodes,
+    joined across segment edges when less than 10 s apart."""
     dur = {(i["record_id"], i["start_sample"]): (i["n_samples"] / i["fs"] if i["fs"] else 0.0)
            for i in info}  # fmt: skip
+    rate = {i["record_id"]: i["fs"] for i in info if i.get("fs")}
     by_rec: dict[str, list[dict]] = {}
     for s in segments:
         by_rec.setdefault(s["record_id"], []).append(s)
@@ -655,17 +667,22 @@ def aggregate(segments: list[dict], info: list[dict], threshold: float) -> dict[
         d = [dur.get((rid, s["start_sample"]), 0.0) for s in segs]
         total = sum(d)
         above = [pi is not None and pi >= threshold for pi in p]
+        in_af = [
+            float(s["af_burden"]) if s.get("af_burden") is not None else float(a)
+            for s, a in zip(segs, above)
+        ]
         if total > 0:
-            burden = sum(di for di, a in zip(d, above) if a) / total
+            burden = sum(x * di for x, di in zip(in_af, d)) / total
             mean = sum(pi * di for pi, di in zip(p, d)) / total
         else:
-            burden = sum(above) / len(segs)
+            burden = sum(in_af) / len(segs)
             mean = sum(p) / len(p)
         out[rid] = {
             "model_id": segs[0]["model_id"],
             "p_af_max": max(p),
             "p_af_mean": _r(mean),
             "af_burden": _r(burden),
+            "af_episodes": _join_episodes(segs, rate.get(rid)),
             "p_noisy_max": _r(max(s.get("p_noisy") or 0.0 for s in segs)),
             "p_other_rhythm_max": _r(max(s.get("p_other_rhythm") or 0.0 for s in segs)),
             "n_segments": len(segs),
@@ -674,6 +691,22 @@ def aggregate(segments: list[dict], info: list[dict], threshold: float) -> dict[
             "duration_s": _r(total),
         }
     return out
+
+
+def _join_episodes(segs: list[dict], fs: float | None, gap_s: float = 10.0) -> list[dict]:
+    """All AF episodes of a record's segments, in order, those closer than gap_s joined."""
+    eps = sorted(
+        (int(e["start_sample"]), int(e["end_sample"]))
+        for s in segs
+        for e in (s.get("af_episodes") or [])
+    )
+    out: list[list[int]] = []
+    for a, b in eps:
+        if out and fs and (a - out[-1][1]) / fs < gap_s:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [{"start_sample": a, "end_sample": b} for a, b in out]
 
 
 def _previous_night(store: str, date: str) -> tuple[str | None, list[dict]]:

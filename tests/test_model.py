@@ -14,6 +14,7 @@ from conftest import data_path
 from ecgtok.models import labels as L
 from ecgtok.models.model import (
     HEADS,
+    N_RR_FEATURES,
     EcgLM,
     collate,
     load_model,
@@ -85,7 +86,7 @@ def test_tampered_config_refused(tmp_path):
 def test_collate_pads_leads_and_beats():
     b = collate([row_to_example(_row(12, ("I", "II", "V1"))), row_to_example(_row(5, ("II",)))])
     assert b["words"].shape == (2, 3, 12)
-    assert b["rr"].shape == (2, 12, 8)
+    assert b["rr"].shape == (2, 12, N_RR_FEATURES)
     assert (b["rhythm"][1, 5:] == 0).all() and (b["leads"][1, 1:] == -1).all()
     assert (b["rr"][1, 5:] == 0).all()
 
@@ -106,11 +107,68 @@ def test_rr_features_see_irregularity():
     regular = np.cumsum(np.full(40, 0.8 * fs)).astype(int)
     irregular = np.cumsum(rng.uniform(0.4, 1.2, 40) * fs).astype(int)
     fr, fi = rr_features(regular, fs), rr_features(irregular, fs)
-    assert fr.shape == (40, 8)
+    assert fr.shape == (40, N_RR_FEATURES)
     assert abs(fr[:, 3]).max() < 1e-6 and fi[:, 3].mean() > 0.5
     # Rate-independent: the same beats at another sampling rate give the same features.
-    np.testing.assert_allclose(rr_features(regular * 2, 2 * fs), fr, atol=1e-6)
-    assert rr_features([5], fs).shape == (1, 8)
+    np.testing.assert_allclose(rr_features(regular * 2, 2 * fs), fr, atol=1e-5)
+    assert rr_features([5], fs).shape == (1, N_RR_FEATURES)
+    assert np.isfinite(rr_features(regular[:3], fs)).all()
+    # Row-level statistics (successive-change rates, COSEn, sample entropy, ...): higher
+    # for the irregular row; the share of RRs near the median lower.
+    for i in (8, 9, 10, 12, 13, 14, 18):
+        assert fi[:, i].mean() > fr[:, i].mean(), i
+    assert fi[:, 16].mean() < fr[:, 16].mean()
+    # Long rows get per-block statistics, at a cost linear in the beats.
+    long = np.cumsum(rng.uniform(0.4, 1.2, 2000) * fs).astype(int)
+    fl = rr_features(long, fs)
+    assert fl.shape == (2000, N_RR_FEATURES) and np.isfinite(fl).all()
+
+
+def test_models_with_fewer_rr_features_still_load_and_score(tmp_path):
+    model, config = _tiny_model()  # reads the first 8 features, like the older models
+    save_model(model, config, str(tmp_path))
+    back, _ = load_model(str(tmp_path))
+    b = collate([row_to_example(_row())])
+    assert b["rr"].shape[-1] == N_RR_FEATURES
+    with torch.inference_mode():
+        assert torch.isfinite(back(**b)["p_af"]).all()
+
+
+def test_word_shapes_meanmax_and_rr_head_round_trip(tmp_path):
+    from ecgtok.models.train import set_pool
+
+    torch.manual_seed(0)
+    vocab = 40
+    arch = {
+        "vocab_size": vocab,
+        "d_model": 16,
+        "n_layers": 1,
+        "n_heads": 2,
+        "rr_features": N_RR_FEATURES,
+        "shape_dim": 96,
+    }
+    model = EcgLM(**arch)
+    shapes = np.zeros((vocab, 96), dtype=np.float32)
+    shapes[22:] = np.random.default_rng(0).normal(size=(vocab - 22, 96))
+    model.set_word_shapes(shapes)
+    model, config = set_pool(
+        model, {"arch": arch, "tokenizer_id": "0123456789abcdef"}, "meanmax", 8
+    )
+    assert config["arch"]["pool"] == "meanmax" and config["arch"]["rr_head"] == 8
+    save_model(model, config, str(tmp_path))
+    back, _ = load_model(str(tmp_path))
+    torch.testing.assert_close(back.shapes, model.shapes)
+    b = collate([row_to_example(_row()), row_to_example(_row(7, ("V1",)))])
+    model.eval()
+    with torch.inference_mode():
+        a, c = model(**b), back(**b)
+    for h in (*HEADS, "embedding"):
+        torch.testing.assert_close(a[h], c[h])
+    assert a["embedding"].shape == (2, 16)
+    # Padding must not change a record's scores with max pooling either.
+    with torch.inference_mode():
+        alone = back(**collate([row_to_example(_row(7, ("V1",)))]))["p_af"][0]
+    torch.testing.assert_close(alone, c["p_af"][1], atol=1e-5, rtol=1e-4)
 
 
 def test_handler_refuses_rows_of_another_tokenizer():

@@ -367,6 +367,28 @@ def test_aggregate_max_and_burden():
     assert agg["n_segments"] == 2 and agg["n_segments_af"] == 1 and agg["duration_s"] == 400.0
 
 
+def test_aggregate_uses_window_burden_and_joins_episodes_across_segments():
+    ep = lambda a, b: {"start_sample": a, "end_sample": b}  # noqa: E731
+    segs = [
+        {"record_id": "h", "start_sample": 0, "p_af": 0.9, "n_beats": 400, "model_id": "m",
+         "af_burden": 0.5, "af_episodes": [ep(15000, 30000)]},
+        {"record_id": "h", "start_sample": 30000, "p_af": 0.8, "n_beats": 400, "model_id": "m",
+         "af_burden": 0.25, "af_episodes": [ep(30500, 38000)]},
+        {"record_id": "h", "start_sample": 60000, "p_af": 0.9, "n_beats": 10, "model_id": "m",
+         "af_burden": None, "af_episodes": []},
+    ]  # fmt: skip
+    info = [
+        {"record_id": "h", "start_sample": 0, "n_samples": 30000, "fs": 100.0},
+        {"record_id": "h", "start_sample": 30000, "n_samples": 30000, "fs": 100.0},
+        {"record_id": "h", "start_sample": 60000, "n_samples": 1000, "fs": 100.0},
+    ]
+    agg = nightly.aggregate(segs, info, 0.5)["h"]
+    # (0.5 * 300 s + 0.25 * 300 s + 1.0 * 10 s) / 610 s: the short tail counts by its p_af
+    assert agg["af_burden"] == pytest.approx((150 + 75 + 10) / 610, abs=1e-4)
+    # 30000 -> 30500 is 5 s: one episode across the segment edge
+    assert agg["af_episodes"] == [ep(15000, 38000)]
+
+
 def test_operating_point_from_model_config():
     assert nightly.operating_point({"operating_point": 0.3})[0] == 0.3
     assert nightly.operating_point({"p_af_threshold": 0.0834})[0] == 0.0834  # as shipped

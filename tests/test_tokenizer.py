@@ -185,8 +185,12 @@ def test_shipped_tokenizer_loads_with_its_settings():
     tok = Tokenizer.load(default_tokenizer_dir())
     assert tok.codebook.shape[1] == 96
     assert tok.codebook.shape[0] >= 256
-    assert tok.view["beat_norm"] == "l2"
+    assert tok.view["beat_norm"] == "zl2" and tok.view["resample_first"]
     assert tok.meta["holdout_fraction"] > 0
+    # the words lie in the basis' span, which the exact subspace search relies on
+    assert tok.basis is not None and tok.basis.shape == (tok.meta["search_dims"], 96)
+    c = tok.codebook
+    np.testing.assert_allclose(c @ tok.basis.T @ tok.basis, c, atol=1e-4)
 
 
 @pytest.mark.parametrize(
