@@ -96,6 +96,23 @@ def test_a_batch_keeps_going_past_a_hang_and_a_crash_in_its_middle():
     assert isinstance(got["bad"], RecordError) and got["bad"].error_type == "not_a_header"
 
 
+def test_an_abandoned_batch_does_not_leak_answers_into_the_next():
+    """The caller stops reading a batch half-way (a transient error it re-raises, say):
+    the next batch must get its own answers, not the rest of the old batch's."""
+    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.transforms.isolation import GuardedTokenizer
+
+    guard = GuardedTokenizer(default_tokenizer_dir(), 30, 0, work=hang_or_crash_on_some)
+    try:
+        first = guard.tokenize_many([("p", rid, 300.0, {}) for rid in ("a", "b", "c")])
+        assert next(first) == (0, [{"record_id": "a"}])
+        # `first` is left suspended with answers for b and c in flight
+        again = list(guard.tokenize_many([("p", rid, 300.0, {}) for rid in ("x", "y")]))
+        assert again == [(0, [{"record_id": "x"}]), (1, [{"record_id": "y"}])]
+    finally:
+        guard.close()
+
+
 def storage_hiccup(*_args):
     raise ConnectionError("injected transient fault")
 

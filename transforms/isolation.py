@@ -73,7 +73,7 @@ def _child_main(conn, memory_mb: int, tokenizer_dir: str, deid, work) -> None:
             return
         try:
             answer = ("done", work(*args))
-        except BaseException as exc:  # noqa: BLE001 - handed back to the parent as is
+        except Exception as exc:  # handed back to the parent as is (SystemExit ends the child)
             answer = ("raise", exc)
         try:
             conn.send(answer)
@@ -109,6 +109,7 @@ class GuardedTokenizer:
         self._child = None
         self._conn = None
         self._child_work = None
+        self._in_flight = 0  # requests sent whose answers are not read yet
 
     def _ensure_child(self):
         if self._child is not None and self._child_work is not self._work:
@@ -150,6 +151,7 @@ class GuardedTokenizer:
     def _discard_child(self) -> None:
         proc, conn = self._child, self._conn
         self._child = self._conn = self._child_work = None
+        self._in_flight = 0
         if proc is not None and proc.is_alive():
             proc.kill()
         if proc is not None:
@@ -174,9 +176,14 @@ class GuardedTokenizer:
         bound; after a timeout or a crash the records not yet answered go to a new child.
         A transient error is yielded like any other exception; the caller re-raises it.
         """
+        if self._in_flight:
+            # A previous batch was abandoned mid-way (its caller raised): its answers are
+            # still coming and must not be read as this batch's. Start from a new child.
+            self._discard_child()
         pending = list(enumerate(requests))
         while pending:
             sent = self._send_all(pending)
+            self._in_flight = sent
             for k, (index, _) in enumerate(pending[:sent]):
                 try:
                     status, value = self._answer(self._timeout_s, "processing")
@@ -185,6 +192,7 @@ class GuardedTokenizer:
                     outcome = err
                 except Exception as exc:  # raised in the child (transient I/O, say)
                     outcome = exc
+                self._in_flight -= 1
                 yield index, outcome
                 if self._child is None:  # that record killed or hung the child
                     pending = pending[k + 1 :]
