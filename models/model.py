@@ -143,6 +143,10 @@ class EcgLM(nn.Module):
         self._word_table = None
         return super().load_state_dict(*args, **kwargs)
 
+    def _apply(self, fn, *args, **kwargs):  # .to(device), .half(), ...: rebuild the table
+        self._word_table = None
+        return super()._apply(fn, *args, **kwargs)
+
     def set_word_shapes(self, shapes: np.ndarray) -> None:
         """Store the centroid waveform of every word (rows of zeros for non-morphology ids)."""
         s = torch.as_tensor(np.asarray(shapes, dtype=np.float32))
