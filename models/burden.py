@@ -21,44 +21,73 @@ STEP_BEATS = 24
 LONG_ROW_BEATS = 2 * WINDOW_BEATS
 
 
+# Windows scored per forward pass: bounds memory for hour-long rows.
+WINDOW_CHUNK = 512
+# Key prefix of the whole-row tensors `mark_for_burden` adds to an example.
+BURDEN = "burden_"
+
+
 def mark_for_burden(ex: dict, row: dict) -> dict:
-    """Add the beat positions a long row's burden needs to its example (in place)."""
+    """Attach what a long row's burden needs to its example (in place): the whole row as an
+    example of its own (the main example may keep only its first MAX_BEATS beats) and its
+    R peaks. Short rows are left as they are."""
     import torch
 
-    n = ex["rhythm"].shape[0]
+    from ecgtok.models.model import row_to_example
+
+    n = len(row.get("rhythm") or [])
     if n > LONG_ROW_BEATS and row.get("r_peaks") is not None and row.get("fs"):
-        ex["r_peaks"] = torch.as_tensor(np.asarray(row["r_peaks"][:n], dtype=np.int64))
-        ex["fs"] = torch.tensor(float(row["fs"]), dtype=torch.float64)
+        whole = row_to_example(row, max_beats=n)
+        whole["r_peaks"] = torch.as_tensor(np.asarray(row["r_peaks"][:n], dtype=np.int64))
+        whole["fs"] = torch.tensor(float(row["fs"]), dtype=torch.float64)
+        # Flat tensors under a prefix: RunInference sizes every value of an example.
+        for key in ("words", "rhythm", "rr", "r_peaks", "fs"):
+            if key in whole:
+                ex[BURDEN + key] = whole[key]
     return ex
 
 
+def _whole_row(ex: dict) -> dict | None:
+    """The whole-row example `mark_for_burden` attached, or None."""
+    if BURDEN + "r_peaks" not in ex:
+        return None
+    whole = {k[len(BURDEN) :]: v for k, v in ex.items() if k.startswith(BURDEN)}
+    whole["leads"] = ex["leads"]
+    return whole
+
+
 def burden_of_examples(model, examples: list[dict], threshold: float, device=None) -> dict:
-    """{index: af_burden() result} for the examples marked by `mark_for_burden`: all their
-    windows scored in one forward pass."""
+    """{index: af_burden() result} for the examples marked by `mark_for_burden`: their
+    windows scored in forward passes of up to WINDOW_CHUNK windows."""
     import torch
 
     from ecgtok.models.model import collate
 
     owners, spans, parts = [], [], []
-    for i, ex in enumerate(examples):
-        if "r_peaks" not in ex:
+    wholes = {i: _whole_row(ex) for i, ex in enumerate(examples)}
+    for i, whole in wholes.items():
+        if whole is None:
             continue
-        sp, pa_ = window_examples(ex)
+        sp, pa_ = window_examples(whole)
         owners += [i] * len(sp)
         spans += sp
         parts += pa_
     if not parts:
         return {}
+    p = []
     with torch.inference_mode():
-        inputs = {k: v.to(device) if device else v for k, v in collate(parts).items()}
-        p = model(**inputs)["p_af"].float().cpu().numpy()
+        for lo in range(0, len(parts), WINDOW_CHUNK):
+            batch = collate(parts[lo : lo + WINDOW_CHUNK])
+            inputs = {k: v.to(device) if device else v for k, v in batch.items()}
+            p.append(model(**inputs)["p_af"].float().cpu().numpy())
+    p = np.concatenate(p)
     windows: dict[int, list] = {}
     for i, (s, e), q in zip(owners, spans, p, strict=True):
         windows.setdefault(i, []).append((s, e, float(q)))
     out = {}
     for i, win in windows.items():
-        ex = examples[i]
-        beats = {"r_peaks": ex["r_peaks"].numpy(), "fs": float(ex["fs"])}
+        whole = wholes[i]
+        beats = {"r_peaks": whole["r_peaks"].numpy(), "fs": float(whole["fs"])}
         out[i] = af_burden(beats, win, threshold)
     return out
 

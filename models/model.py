@@ -60,7 +60,7 @@ class EcgLM(nn.Module):
         # Optional: each morphology word also gets a linear map of its codebook centroid
         # (the beat waveform it stands for), so words of similar shape share what they learn.
         self.shape_dim = int(shape_dim)
-        self._word_table = None  # cached word table for scoring (see word_vectors)
+        self._word_table = None  # (key, table) cached for scoring (see word_vectors)
         if self.shape_dim:
             self.register_buffer("shapes", torch.zeros(vocab_size, self.shape_dim))
             self.shape_proj = nn.Linear(self.shape_dim, d_model, bias=False)
@@ -130,28 +130,20 @@ class EcgLM(nn.Module):
         else:
             # Scoring: the (vocab, d) table is the same for every batch. Made once, it
             # saves a 4,118 x 96 x 64 product per call (most of a one-row forward pass).
-            table = self._word_table
-            if table is None:
-                table = self._word_table = self.word.weight + self.shape_proj(self.shapes)
+            # Rebuilt whenever its inputs change: in place (load_state_dict, an optimizer
+            # step) bumps a tensor's _version; .to() or .half() gives new tensors.
+            parts = (self.word.weight, self.shape_proj.weight, self.shapes)
+            key = tuple((id(t), t._version, t.device, t.dtype) for t in parts)
+            cached = self._word_table
+            if cached is None or cached[0] != key:
+                cached = self._word_table = (key, parts[0] + self.shape_proj(parts[2]))
+            table = cached[1]
         return nn.functional.embedding(words, table, padding_idx=PAD)
-
-    def train(self, mode: bool = True):
-        self._word_table = None  # weights may change from here on
-        return super().train(mode)
-
-    def load_state_dict(self, *args, **kwargs):
-        self._word_table = None
-        return super().load_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, *args, **kwargs):  # .to(device), .half(), ...: rebuild the table
-        self._word_table = None
-        return super()._apply(fn, *args, **kwargs)
 
     def set_word_shapes(self, shapes: np.ndarray) -> None:
         """Store the centroid waveform of every word (rows of zeros for non-morphology ids)."""
         s = torch.as_tensor(np.asarray(shapes, dtype=np.float32))
         self.shapes.copy_(s / s.std().clamp(min=1e-6))
-        self._word_table = None
 
     def forward(
         self,

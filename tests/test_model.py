@@ -323,3 +323,36 @@ def test_shipped_model_af_burden_on_mitdb():
         row = tokenize_record(data_path("mitdb", name + ".hea"), name, tok)[0]
         burden[name] = af_burden(row, score_windows(model, row), 0.5)["af_burden"]
     assert burden["210"] > 0.7 and burden["117"] < 0.1
+
+
+@pytest.mark.slow
+def test_burden_covers_a_long_row_beyond_the_models_512_beats():
+    """MIT-BIH 210 (AF throughout) as one row of ~2,600 beats: the main example
+    keeps 512 beats, but the burden and episodes cover the whole row."""
+    from ecgtok.models.burden import burden_of_examples, mark_for_burden
+    from ecgtok.models.model import MAX_BEATS, row_to_example
+    from ecgtok.transforms.record_tokens import tokenize_record
+
+    model, cfg = load_model(default_model_dir())
+    tok = Tokenizer.load(default_tokenizer_dir())
+    (row,) = tokenize_record(data_path("mitdb", "210.hea"), "210", tok, segment_s=2000.0)
+    n = len(row["r_peaks"])
+    assert n > 4 * MAX_BEATS
+    ex = mark_for_burden(row_to_example(row), row)
+    assert ex["rhythm"].shape[0] == MAX_BEATS and ex["burden_rhythm"].shape[0] == n
+    (out,) = burden_of_examples(model, [ex], cfg["p_af_threshold"]).values()
+    assert out["af_burden"] > 0.7
+    assert out["af_episodes"][-1][1] > row["r_peaks"][3 * MAX_BEATS]
+
+
+def test_record_errors_cross_process_boundaries_intact():
+    import pickle
+
+    from ecgtok.transforms.errors import RecordError
+
+    err = pickle.loads(pickle.dumps(RecordError("read", "truncated", "signal file too short")))
+    assert (err.stage, err.error_type, err.message) == (
+        "read",
+        "truncated",
+        "signal file too short",
+    )

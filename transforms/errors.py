@@ -20,6 +20,9 @@ class RecordError(Exception):
     def __str__(self) -> str:
         return f"{self.stage}/{self.error_type}: {self.message}"
 
+    def __reduce__(self):  # crosses the guarded child's pipe intact
+        return (type(self), (self.stage, self.error_type, self.message))
+
 
 # Failures worth a retry by the runner (a storage hiccup), not an error row.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)

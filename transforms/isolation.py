@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import pickle
 
 from ecgtok.transforms.errors import RecordError
 
@@ -76,9 +77,13 @@ def _child_main(conn, memory_mb: int, tokenizer_dir: str, deid, work) -> None:
         except Exception as exc:  # handed back to the parent as is (SystemExit ends the child)
             answer = ("raise", exc)
         try:
-            conn.send(answer)
-        except Exception as exc:  # an unpicklable answer must still be an answer
-            conn.send(("raise", RuntimeError(f"{type(exc).__name__}: {exc}")))
+            data = pickle.dumps(answer)
+            if answer[0] == "raise":
+                pickle.loads(data)  # an exception that cannot be rebuilt must not cross
+        except Exception as exc:
+            kind = type(answer[1]).__name__ if answer[0] == "raise" else "answer"
+            data = pickle.dumps(("raise", RuntimeError(f"{kind} could not be sent: {exc}")))
+        conn.send_bytes(data)
 
 
 def _tokenize_in_child(source_path: str, record_id: str, segment_s: float, extra: dict):
@@ -183,7 +188,6 @@ class GuardedTokenizer:
         pending = list(enumerate(requests))
         while pending:
             sent = self._send_all(pending)
-            self._in_flight = sent
             for k, (index, _) in enumerate(pending[:sent]):
                 try:
                     status, value = self._answer(self._timeout_s, "processing")
@@ -192,7 +196,8 @@ class GuardedTokenizer:
                     outcome = err
                 except Exception as exc:  # raised in the child (transient I/O, say)
                     outcome = exc
-                self._in_flight -= 1
+                if self._child is not None:
+                    self._in_flight -= 1
                 yield index, outcome
                 if self._child is None:  # that record killed or hung the child
                     pending = pending[k + 1 :]
@@ -208,6 +213,7 @@ class GuardedTokenizer:
                 conn = self._ensure_child()
                 for _, request in batch:
                     conn.send(request)
+                    self._in_flight += 1  # counted as written: see tokenize_many
                 return len(batch)
             except (BrokenPipeError, OSError):  # the idle child died: start another
                 self._discard_child()
