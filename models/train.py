@@ -620,6 +620,11 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
     return ap
 
 
+def _finetune_options(args) -> dict:
+    """finetune()'s keyword options from the finetune/evaluate command line."""
+    return {"log": _err, "lr": args.lr, "max_beats": args.crop_beats, "min_beats": args.min_crop}
+
+
 def word_shapes(tok) -> np.ndarray:
     """(vocab_size, window) centroid waveform of every morphology word; 0 for other ids."""
     k = tok.codebook.shape[0]
@@ -725,17 +730,7 @@ def finetune_main(argv: list[str]) -> int:
     check_rows_tokenizer(rows, config["tokenizer_id"])
     labels = read_labels(args.labels, HEADS, args.split)
     pairs = labelled(rows, labels)
-    model = finetune(
-        model,
-        pairs,
-        HEADS,
-        args.epochs,
-        args.seed,
-        log=_err,
-        lr=args.lr,
-        max_beats=args.crop_beats,
-        min_beats=args.min_crop,
-    )
+    model = finetune(model, pairs, HEADS, args.epochs, args.seed, **_finetune_options(args))
     config = {k: v for k, v in config.items() if k != "model_id"}
     config.update(
         p_af_threshold=args.p_af_threshold,
@@ -903,16 +898,9 @@ def evaluate_main(argv: list[str]) -> int:
         for k in range(args.folds):
             train = [pairs[i] for i in np.flatnonzero(fold != k)]
             test = np.flatnonzero(fold == k)
+            options = _finetune_options(args)
             model = finetune(
-                copy.deepcopy(base_model),
-                train,
-                HEADS,
-                args.epochs,
-                args.seed,
-                log=_err,
-                lr=args.lr,
-                max_beats=args.crop_beats,
-                min_beats=args.min_crop,
+                copy.deepcopy(base_model), train, HEADS, args.epochs, args.seed, **options
             )
             out = predict(model, [pairs[i][0] for i in test])
             for h in HEADS:

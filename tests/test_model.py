@@ -356,3 +356,49 @@ def test_record_errors_cross_process_boundaries_intact():
         "truncated",
         "signal file too short",
     )
+
+
+@pytest.mark.slow
+def test_training_commands_end_to_end_on_a_small_real_set(tmp_path, capsys):
+    """pretrain -> evaluate (2 folds) -> finetune on 48 CinC 2017 records: each command
+    runs, writes what it says, and the fine-tuned model loads and refuses nothing."""
+    import csv
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ecgtok.models.train import main as train
+    from ecgtok.transforms.record_tokens import tokenize_record
+    from ecgtok.transforms.schemas import token_schema
+
+    tok = Tokenizer.load(default_tokenizer_dir())
+    with open(data_path("cinc2017_af", "REFERENCE.csv")) as f:
+        ref = [r for r in csv.reader(f)][:48]
+    rows = []
+    for rid, _ in ref:
+        rows += tokenize_record(data_path("cinc2017_af", rid + ".hea"), rid, tok)
+    shards = tmp_path / "tokens"
+    shards.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=token_schema()), shards / "part.parquet")
+    labels = tmp_path / "labels.csv"
+    with open(labels, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["record_id", "p_af", "p_noisy", "p_other_rhythm", "source", "split"])
+        for i, (rid, lab) in enumerate(ref):
+            split = "train" if i % 4 == 0 else "test"
+            heads = [int(lab == "A"), int(lab == "~"), int(lab == "O")]
+            w.writerow([rid, *heads, "cinc2017", split])
+    common = ["--tokens", str(shards)]
+    assert train("pretrain", [*common, "--output", str(tmp_path / "pre"), "--epochs", "1"]) == 0
+    capsys.readouterr()
+    args = [*common, "--labels", str(labels), "--init", str(tmp_path / "pre")]
+    assert train("evaluate", [*args, "--folds", "2", "--epochs", "1"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mode"] == "cross-validation" and report["metrics"]["cinc2017"]["p_af"]["n"] == 48
+    out = tmp_path / "model"
+    assert (
+        train("finetune", [*args, "--output", str(out), "--epochs", "1", "--split", "train"]) == 0
+    )
+    model, cfg = load_model(str(out))
+    assert cfg["tokenizer_id"] == tok.tokenizer_id and cfg["finetune"]["rows"] == 12
