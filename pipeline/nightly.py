@@ -671,15 +671,21 @@ def aggregate(segments: list[dict], info: list[dict], threshold: float) -> dict[
             float(s["af_burden"]) if s.get("af_burden") is not None else float(a)
             for s, a in zip(segs, above)
         ]
-        if total > 0:
-            burden = sum(x * di for x, di in zip(in_af, d)) / total
-            mean = sum(pi * di for pi, di in zip(p, d)) / total
-        else:
+        burden = sum(x * di for x, di in zip(in_af, d)) / total if total > 0 else None
+        if burden is None:
             burden = sum(in_af) / len(segs)
-            mean = sum(p) / len(p)
+        # Segments without beats have no p_af (null): they count as time, not as scores.
+        scored = [(pi, di) for pi, di in zip(p, d) if pi is not None]
+        scored_time = sum(di for _, di in scored)
+        if not scored:
+            mean = None
+        elif scored_time > 0:
+            mean = sum(pi * di for pi, di in scored) / scored_time
+        else:
+            mean = sum(pi for pi, _ in scored) / len(scored)
         out[rid] = {
             "model_id": segs[0]["model_id"],
-            "p_af_max": max(p),
+            "p_af_max": max((pi for pi, _ in scored), default=None),
             "p_af_mean": _r(mean),
             "af_burden": _r(burden),
             "af_episodes": _join_episodes(segs, rate.get(rid)),
@@ -867,7 +873,7 @@ def finalize(plan: dict) -> dict:
             if f.name not in row:
                 row[f.name] = (scores or {}).get(f.name)
         row["model_id"] = plan["model_id"]
-        row["alert"] = bool(scores and scores["p_af_max"] >= thr)
+        row["alert"] = bool(scores and (scores["p_af_max"] or 0.0) >= thr)
         row.update({c: rec["extra"].get(c, "") for c in cols})
         rows.append(row)
         if how == "failed":

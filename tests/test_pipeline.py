@@ -274,6 +274,9 @@ def test_flat_record_gets_a_token_row_without_beats_and_a_score(tmp_path, capsys
     assert row["record_id"] == "flat" and row["r_peaks"] == [] and row["tokens"] == [[], []]
     (score,) = read_folder(os.path.join(dst, "scores"))
     assert score["record_id"] == "flat" and score["n_beats"] == 0
+    # no beats, no rhythm: null, not the ~0.5 a model gives for padding
+    assert score["p_af"] is None and score["p_other_rhythm"] is None
+    assert score["p_noisy"] is not None
     assert summary_of(dst)["failed"] == 0
 
 

@@ -25,6 +25,9 @@ from ecgtok.transforms.schemas import extra_field_names
 NAMESPACE = "ecgtok"
 # Records per batch handed to one tokenizing DoFn call (one guarded-child pipeline).
 BATCH_RECORDS = 16
+# Score rows of fewer beats get no rhythm scores (null), only p_noisy and the embedding.
+MIN_BEATS_FOR_RHYTHM = 2
+RHYTHM_HEADS = ("p_af", "p_other_rhythm")
 ERRORS = "errors"
 _LOG = logging.getLogger(__name__)
 
@@ -221,6 +224,11 @@ def _to_score_row(keyed, extra_columns: list[str]) -> dict:
     }
     for head in HEADS:
         row[head] = float(inf[head]) if head in inf else None
+    if row["n_beats"] < MIN_BEATS_FOR_RHYTHM:
+        # No beats (a flat or unreadable record): the model only saw padding, and its
+        # rhythm scores would be noise (about 0.5, over any alert threshold).
+        for head in RHYTHM_HEADS:
+            row[head] = None
     row.update(dict(zip(extra_columns, extra, strict=True)))
     return row
 
