@@ -48,17 +48,23 @@ def _row(n_beats: int = 12, leads=("I", "II"), fs: float = 500.0, rr_s: float = 
     }
 
 
-def test_save_load_round_trip_gives_same_outputs(tmp_path):
-    model, config = _tiny_model()
-    mid = save_model(model, config, str(tmp_path))
-    back, cfg = load_model(str(tmp_path))
-    assert cfg["model_id"] == mid
+def _assert_same_outputs(model, back) -> dict:
+    """Both models give the same heads and embedding on a 12-lead and a 1-lead row."""
     b = collate([row_to_example(_row()), row_to_example(_row(7, ("V1",)))])
     model.eval()
     with torch.inference_mode():
         a, c = model(**b), back(**b)
     for h in (*HEADS, "embedding"):
         torch.testing.assert_close(a[h], c[h])
+    return a
+
+
+def test_save_load_round_trip_gives_same_outputs(tmp_path):
+    model, config = _tiny_model()
+    mid = save_model(model, config, str(tmp_path))
+    back, cfg = load_model(str(tmp_path))
+    assert cfg["model_id"] == mid
+    _assert_same_outputs(model, back)
 
 
 def test_tampered_weights_refused(tmp_path):
@@ -158,17 +164,12 @@ def test_word_shapes_meanmax_and_rr_head_round_trip(tmp_path):
     save_model(model, config, str(tmp_path))
     back, _ = load_model(str(tmp_path))
     torch.testing.assert_close(back.shapes, model.shapes)
-    b = collate([row_to_example(_row()), row_to_example(_row(7, ("V1",)))])
-    model.eval()
-    with torch.inference_mode():
-        a, c = model(**b), back(**b)
-    for h in (*HEADS, "embedding"):
-        torch.testing.assert_close(a[h], c[h])
+    a = _assert_same_outputs(model, back)
     assert a["embedding"].shape == (2, 16)
     # Padding must not change a record's scores with max pooling either.
     with torch.inference_mode():
         alone = back(**collate([row_to_example(_row(7, ("V1",)))]))["p_af"][0]
-    torch.testing.assert_close(alone, c["p_af"][1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(alone, a["p_af"][1], atol=1e-5, rtol=1e-4)
 
 
 def test_handler_refuses_rows_of_another_tokenizer():

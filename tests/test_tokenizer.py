@@ -29,12 +29,15 @@ def test_save_load_round_trip(tmp_path):
     assert back.view == T.DEFAULT_VIEW
 
 
-def test_tampered_codebook_refused(tmp_path):
-    _small_tokenizer().save(str(tmp_path))
-    path = tmp_path / T.CODEBOOK_FILE
+def _flip_last_bit(path) -> None:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def test_tampered_codebook_refused(tmp_path):
+    _small_tokenizer().save(str(tmp_path))
+    _flip_last_bit(tmp_path / T.CODEBOOK_FILE)
     with pytest.raises(ArtifactError, match="content check"):
         Tokenizer.load(str(tmp_path))
 
@@ -82,10 +85,7 @@ def test_subspace_tokenizer_round_trip_and_tampered_basis_refused(tmp_path):
     assert back.tokenizer_id == tid and back.meta["search_dims"] == 8
     np.testing.assert_array_equal(back.basis, tok.basis)
     np.testing.assert_array_equal(back.assign(smooth[:200]), tok.assign(smooth[:200]))
-    path = tmp_path / T.BASIS_FILE
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0x01
-    path.write_bytes(bytes(data))
+    _flip_last_bit(tmp_path / T.BASIS_FILE)
     with pytest.raises(ArtifactError, match="content check"):
         Tokenizer.load(str(tmp_path))
 
