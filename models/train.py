@@ -620,6 +620,15 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
     return ap
 
 
+def _add_finetune_arguments(ap: argparse.ArgumentParser) -> None:
+    """The fine-tuning flags `finetune` and `evaluate` share (read by _finetune_options)."""
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--crop-beats", type=int, default=48, help="longest training crop")
+    ap.add_argument("--min-crop", type=int, default=8, help="shortest training crop")
+    ap.add_argument("--pool", choices=("mean", "meanmax"), default=None, help="see pretrain")
+    ap.add_argument("--rr-head", type=int, default=None, help="see pretrain")
+
+
 def _finetune_options(args) -> dict:
     """finetune()'s keyword options from the finetune/evaluate command line."""
     return {"log": _err, "lr": args.lr, "max_beats": args.crop_beats, "min_beats": args.min_crop}
@@ -713,11 +722,7 @@ def finetune_main(argv: list[str]) -> int:
     ap.add_argument("--labels", required=True)
     ap.add_argument("--init", required=True, help="pretrained model folder")
     ap.add_argument("--split", default=None, help="use only label rows of this split")
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--crop-beats", type=int, default=48, help="longest training crop")
-    ap.add_argument("--min-crop", type=int, default=8, help="shortest training crop")
-    ap.add_argument("--pool", choices=("mean", "meanmax"), default=None, help="see pretrain")
-    ap.add_argument("--rr-head", type=int, default=None, help="see pretrain")
+    _add_finetune_arguments(ap)
     ap.add_argument(
         "--p-af-threshold",
         type=float,
@@ -862,11 +867,7 @@ def evaluate_main(argv: list[str]) -> int:
     ap.add_argument("--split", default=None, help="use only label rows of this split")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--crop-beats", type=int, default=48)
-    ap.add_argument("--min-crop", type=int, default=8)
-    ap.add_argument("--pool", choices=("mean", "meanmax"), default=None)
-    ap.add_argument("--rr-head", type=int, default=None)
+    _add_finetune_arguments(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threshold", type=float, default=None, help="p_af operating point")
     ap.add_argument("--predictions", default=None, help="write per-row predictions CSV here")
