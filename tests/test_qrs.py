@@ -302,3 +302,53 @@ def test_beat_quality_flags():
     f = beats.beat_quality(y, 360, r)
     assert np.mean((f & beats.FLAG_NOISE) > 0) > 0.8
     assert beats.FLAG_NOISE_MASK == beats.FLAG_NOISE | beats.FLAG_SATURATED | beats.FLAG_FLAT
+
+
+# ------------------------------------------------ fast helpers equal what they replace
+def test_running_median_equals_padded_np_median():
+    rng = np.random.default_rng(0)
+    for trial in range(400):
+        shape = (int(rng.integers(1, 13)), int(rng.integers(1, 40)))
+        v = rng.standard_normal(shape).astype(np.float32 if trial % 2 else np.float64)
+        if trial % 5 == 0:
+            v[rng.random(shape) < 0.1] = np.nan
+        if trial % 3 == 0:
+            v = np.round(v, 1)  # ties
+        for span in (1, 2, 3, 5, 6, 31):
+            got = qrs._running_median(v, span)
+            if v.shape[-1] < 2 or span < 2:
+                want = v
+            else:
+                h = span // 2
+                p = np.pad(v, [(0, 0), (h, h)], mode="edge")
+                win = np.lib.stride_tricks.sliding_window_view(p, 2 * h + 1, axis=-1)
+                want = np.median(win, axis=-1)
+            assert got.dtype == want.dtype and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+
+
+def test_interp_rows_equals_np_interp_bit_for_bit():
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        nb, sb = int(rng.integers(1, 30)), int(rng.integers(2, 200))
+        ns = int(rng.integers(1, 4 * nb + 3))
+        x, xp = (np.arange(ns) + 0.5) * sb, (np.arange(nb) + 0.5) * 4 * sb
+        fp = rng.standard_normal((3, nb)) * 10.0 ** rng.uniform(-6, 6)
+        if trial % 7 == 0:
+            fp[1, rng.integers(0, nb)] = np.inf if trial % 2 else np.nan
+        want = np.stack([np.interp(x, xp, row) for row in fp])
+        np.testing.assert_array_equal(qrs._interp_rows(x, xp, fp), want)
+
+
+def test_lead_sum_adds_leads_in_order():
+    rng = np.random.default_rng(2)
+    parts = (rng.standard_normal((12, 3, 500)) * 10.0 ** rng.uniform(-4, 4, (12, 3, 500))).astype(
+        np.float32
+    )
+    parts[:, 0, :7] = -0.0
+    want = np.zeros((3, 500), np.float32)
+    for lead in parts:
+        want += lead
+    got = qrs._lead_sum(parts)
+    np.testing.assert_array_equal(got, want)
+    assert not np.signbit(got[0, :7]).any()  # 0 + -0.0 is +0.0, as in the loop
