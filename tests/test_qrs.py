@@ -352,3 +352,34 @@ def test_lead_sum_adds_leads_in_order():
     got = qrs._lead_sum(parts)
     np.testing.assert_array_equal(got, want)
     assert not np.signbit(got[0, :7]).any()  # 0 + -0.0 is +0.0, as in the loop
+
+
+def test_window_sums_match_direct_sums():
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((3, 200)).astype(np.float32)
+    bounds = np.array(
+        [[0, 0, 5, 40], [10, 30, 30, 200], [150, 160, 190, 200], [199, 200, 200, 200]]
+    )
+    got = beats._window_sums(v, bounds, np.float64)
+    assert got.shape == (4, 3, 3)
+    for i, b in enumerate(bounds):
+        for j in range(3):
+            want = v[:, b[j] : b[j + 1]].astype(np.float64).sum(axis=1)
+            np.testing.assert_allclose(got[i, :, j], want, rtol=1e-12, atol=1e-12)
+    counts = beats._window_sums(v > 0, bounds, np.int64)
+    for i, b in enumerate(bounds):
+        for j in range(3):
+            np.testing.assert_array_equal(counts[i, :, j], (v[:, b[j] : b[j + 1]] > 0).sum(axis=1))
+
+
+def test_flat_blocks_equal_peak_to_peak_test():
+    rng = np.random.default_rng(4)
+    for trial in range(200):
+        n, w = int(rng.integers(1, 400)), int(rng.integers(1, 60))
+        scale = rng.choice([0.001, 0.003, 0.005, 0.02, 1.0])
+        xt = (rng.standard_normal((3, n)) * scale).astype(np.float32)
+        if trial % 3 == 0:
+            xt = np.round(xt, 2)
+        blocks = beats._blocks(xt, w)
+        want = blocks.max(axis=2) - blocks.min(axis=2) < beats.FLAT_MV
+        np.testing.assert_array_equal(beats._flat_blocks(xt, w, beats.FLAT_MV), want)
