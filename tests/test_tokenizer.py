@@ -279,3 +279,23 @@ def test_fidelity_prints_one_json_object(tmp_path, capsys):
     assert res["p10_r"] <= res["median_r"]
     assert 0 < res["codes_used_fraction"] <= 1
     assert res["rhythm_rr_rel_error_median"] < 0.1
+
+
+def test_window_median_is_np_median_bit_for_bit():
+    from ecgtok.transforms.windows import _window_median
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        shape = (int(rng.integers(1, 20)), int(rng.integers(1, 13)), int(rng.integers(1, 100)))
+        w = rng.standard_normal(shape).astype(np.float32 if trial % 2 else np.float64)
+        if trial % 5 == 0:
+            w = np.round(w, 1)  # ties
+        if trial % 7 == 0:
+            w[0, 0, 0] = np.nan
+        if trial % 11 == 0:
+            w = -np.zeros_like(w)  # -0.0: np.median gives +0.0
+        want = np.median(w, axis=2, keepdims=True)
+        got = _window_median(w)
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(np.signbit(got), np.signbit(want))

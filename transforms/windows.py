@@ -68,7 +68,14 @@ def resample_then_filter(
         x = x.astype(np.float64)
     xt = x.T  # lead-major: the filters below run along contiguous rows
     mean = xt.mean(axis=1, keepdims=True)
-    if np.isfinite(mean).all():
+    up, down = _rational(WINDOW_FS / fs)
+    resampled = (up, down) != (1, 1)
+    if np.isfinite(mean).all() and resampled and x.dtype.itemsize <= 8:
+        # Centred in the signal's precision, as before, but written straight into the
+        # C-contiguous float64 array resample_poly filters (its FIR is float64): it
+        # would otherwise convert the strided rows itself (~60 us on 12 leads).
+        xt = np.subtract(xt, mean, dtype=x.dtype, out=np.empty(xt.shape, np.float64))
+    elif np.isfinite(mean).all():
         xt = xt - mean
     else:
         # Missing (NaN) or infinite samples read as the lead's baseline instead of
@@ -77,8 +84,7 @@ def resample_then_filter(
         mean = np.where(finite, xt, 0.0).sum(axis=1, keepdims=True)
         mean = mean / np.maximum(finite.sum(axis=1, keepdims=True), 1)
         xt = np.where(finite, xt - mean, 0.0)
-    up, down = _rational(WINDOW_FS / fs)
-    if (up, down) != (1, 1):
+    if resampled:
         xt = sps.resample_poly(xt, up, down, axis=1, window=_short_fir(up, down))
     sos = _view_sos(None if not lowpass_hz else float(lowpass_hz))
     if xt.shape[1] > 3 * (2 * sos.shape[0] + 1):
@@ -235,20 +241,38 @@ def beat_windows(clean: np.ndarray, r_peaks_window_fs: np.ndarray) -> np.ndarray
     prev_mid[1:] = mids
     next_mid[:-1] = mids
     keep = inside & (idx >= prev_mid[:, None]) & (idx < next_mid[:, None])
-    w = clean[np.clip(idx, 0, n - 1)]  # (beats, L, leads)
+    w = clean[np.minimum(np.maximum(idx, 0), n - 1)]  # (beats, L, leads)
     w = np.transpose(w, (0, 2, 1))  # (beats, leads, L)
     if np.issubdtype(w.dtype, np.floating):
         # The median of a window with any masked sample is NaN (np.median, not nanmedian),
         # so its base is 0: only whole windows need a median.
         whole = keep.all(axis=1)
-        base = np.full((r.size, leads, 1), np.nan, dtype=w.dtype)
+        base = np.zeros((r.size, leads, 1), dtype=w.dtype)
         if whole.any():
-            base[whole] = np.median(w[whole], axis=2, keepdims=True)
+            base[whole] = np.nan_to_num(_window_median(w[whole]), nan=0.0)
     else:
         base = np.median(np.where(keep[:, None, :], w, np.nan), axis=2, keepdims=True)
-    base = np.nan_to_num(base, nan=0.0)
+        base = np.nan_to_num(base, nan=0.0)
     w = np.where(keep[:, None, :], w - base, 0.0)
     return w.astype(np.float32)
+
+
+def _window_median(w: np.ndarray) -> np.ndarray:
+    """np.median(w, axis=2, keepdims=True) for float windows (k, leads, L), bit for bit.
+
+    The mean of the middle values of each window sorted, added from 0 as np.mean adds
+    them (so two -0.0 give +0.0, as there). np.median's partition of rows that are not
+    contiguous cost ~0.3 ms for a record's windows, sorting a contiguous copy ~0.1 ms.
+    Windows with a NaN go through np.median (NaN).
+    """
+    if w.shape[2] < 2 or np.isnan(w).any():
+        return np.median(w, axis=2, keepdims=True)
+    s = np.sort(np.ascontiguousarray(w), axis=2)
+    mid = w.shape[2] // 2
+    zero = w.dtype.type(0)
+    if w.shape[2] % 2:
+        return zero + s[:, :, mid : mid + 1]
+    return (zero + s[:, :, mid - 1 : mid] + s[:, :, mid : mid + 1]) / w.dtype.type(2)
 
 
 def to_window_rate(r_peaks: np.ndarray, fs: float) -> np.ndarray:
