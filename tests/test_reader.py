@@ -382,3 +382,19 @@ def test_header_parser_agrees_with_wfdb(rel):
         assert s.gain == pytest.approx(ref.adc_gain[i]) and s.baseline == ref.baseline[i]
         assert s.units == ref.units[i]
         assert s.name == (ref.sig_name[i] or f"ch{i}")
+
+
+def test_affine_columns_equal_broadcast_operations():
+    from ecgtok.transforms.wfdb_reader import _affine_columns
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 63, 64, 65, 1000, 5003):
+        frames = rng.integers(-32768, 32767, (n, 12)).astype(np.int16)
+        base = rng.integers(-100, 100, 12).astype(np.float32)
+        factor = (1 / rng.uniform(50, 2000, 12)).astype(np.float32)
+        want = np.empty((n, 12), np.float32)
+        np.subtract(frames, base, out=want, casting="unsafe")
+        want *= factor
+        got = frames.astype(np.float32)
+        _affine_columns(got, base, factor)
+        np.testing.assert_array_equal(got, want)

@@ -37,6 +37,7 @@ import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -250,6 +251,36 @@ def _safe_member(folder: str, name: str) -> str:
     return posixpath.join(folder, *parts)
 
 
+_AFFINE_FRAMES = 64  # frames per row of the reshaped view in `_affine_columns`
+
+
+def _affine_columns(x: np.ndarray, base: np.ndarray, factor: np.ndarray) -> None:
+    """x[:, j] = (x[:, j] - base[j]) * factor[j] in place, for C-contiguous (n, c) float32.
+
+    Broadcasting (c,) over (n, c) runs NumPy's inner loop on c = 12 values at a time,
+    5,000 times for a 10 s record at 500 Hz (~0.15 ms for the two operations); viewed as
+    rows of _AFFINE_FRAMES frames against the parameters tiled as often, the same
+    element-wise operations run in long loops (~2x faster).
+    """
+    n, c = x.shape
+    k = _AFFINE_FRAMES
+    m = n - n % k
+    if m:
+        block = x[:m].reshape(m // k, k * c)
+        block -= np.tile(base, k)
+        block *= np.tile(factor, k)
+    if m < n:
+        x[m:] -= base
+        x[m:] *= factor
+
+
+@lru_cache(maxsize=1024)
+def _lead_name(name: str) -> str:
+    """`normalise_lead_name`, remembered: archives repeat the same dozen names, and the
+    regular expressions cost ~6 us a name (~70 us a 12-lead record)."""
+    return normalise_lead_name(name)
+
+
 def _unit_scale(units: str) -> tuple[float, str]:
     """Factor to mV for a voltage unit (and the unit after conversion)."""
     scale = _UNIT_TO_MV.get((units or "mV").strip().lower())
@@ -450,8 +481,14 @@ class _Leaf:
         a = cols[0]
         if cols == list(range(a, a + len(cols))):
             dst = out[:, a : a + len(cols)]
-            np.subtract(frames, base, out=dst, casting="unsafe")
-            dst *= factor
+            if np.result_type(frames.dtype, np.float32) == np.float32 and dst.flags.c_contiguous:
+                # 8/16-bit samples: to float32 by assignment (exact), then the same float32
+                # (x - base) * factor as below, on rows of many frames at once
+                dst[...] = frames
+                _affine_columns(dst, base, factor)
+            else:  # wider samples are subtracted in float64, then rounded
+                np.subtract(frames, base, out=dst, casting="unsafe")
+                dst *= factor
         else:
             out[:, cols] = (frames - base) * factor
         if invalid is not None:
@@ -862,7 +899,7 @@ class RecordReader(SampleReader):
         self.fs = float(header.fs) * self._m
         self.n_samples = int(source.n_frames) * self._m
         self.original_lead_names = [str(n) for n in source.names]
-        self.lead_names = [normalise_lead_name(n) for n in self.original_lead_names]
+        self.lead_names = [_lead_name(n) for n in self.original_lead_names]
         self.units = list(source.units)
         self.meta = parse_comments(header.comments)
         if self.n_samples * max(1, len(self.lead_names)) > MAX_TOTAL_SAMPLES:
