@@ -18,6 +18,7 @@ milliseconds per record and the share of the total:
     windows            windows.beat_windows (cut, RR mask, median baseline)
     align+norm         tokenizer.shape_windows (re-centre + l2 normalisation)
     assign             codebook assignment (nearest of K words, vectorised)
+    atrial             atrial windows and their nearest atrial words (tokenizers with them)
     rows               rhythm words, sentence, Python lists of the row (token_rows less encode)
     arrow              rows -> pyarrow.Table with the token schema (what WriteToParquet does)
     guard IPC          the extra cost of the guarded child process per record
@@ -58,6 +59,7 @@ def stage_times(paths: list[str], tok, schema) -> dict[str, list[float]]:
 
     from ecgtok.models.tokenizer import shape_windows
     from ecgtok.transforms import windows as W
+    from ecgtok.transforms.atrial import atrial_windows
     from ecgtok.transforms.beats import FLAG_NOISE_MASK, beat_quality
     from ecgtok.transforms.qrs import detect_r_peaks
     from ecgtok.transforms.record_tokens import _row, tokenize_record
@@ -113,13 +115,21 @@ def stage_times(paths: list[str], tok, schema) -> dict[str, list[float]]:
         add("align+norm", clock() - t)
 
         t = clock()
-        words = tok.encode_windows(wins, (flags & FLAG_NOISE_MASK) != 0)
+        noisy = (flags & FLAG_NOISE_MASK) != 0
+        words = tok.encode_windows(wins, noisy)
         rhythm = tok.rhythm_words(r, rec.fs)
         add("assign", clock() - t)
 
+        # Atrial words (tokenizers that have them): cut, normalise, nearest word.
+        t = clock()
+        atrial = None
+        if tok.atrial_codebook is not None:
+            atrial = tok.encode_atrial(atrial_windows(clean, W.to_window_rate(r, rec.fs)), noisy)
+        add("atrial", clock() - t)
+
         # The row: sentence and Python lists (record_tokens._row).
         t = clock()
-        rows = [_row(reader, 0, rec.signal.shape[0], r, flags, words, rhythm, tok, {})]
+        rows = [_row(reader, 0, rec.signal.shape[0], r, flags, words, rhythm, atrial, tok, {})]
         add("rows", clock() - t)
 
         # All of tokenize_record, as the pipeline calls it: the stages above plus

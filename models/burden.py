@@ -41,7 +41,7 @@ def mark_for_burden(ex: dict, row: dict) -> dict:
         whole["r_peaks"] = torch.as_tensor(np.asarray(row["r_peaks"][:n], dtype=np.int64))
         whole["fs"] = torch.tensor(float(row["fs"]), dtype=torch.float64)
         # Flat tensors under a prefix: RunInference sizes every value of an example.
-        for key in ("words", "rhythm", "rr", "r_peaks", "fs"):
+        for key in ("words", "atrial", "rhythm", "rr", "r_peaks", "fs"):
             if key in whole:
                 ex[BURDEN + key] = whole[key]
     return ex
@@ -97,6 +97,8 @@ def window_examples(
 ) -> tuple[list[tuple[int, int]], list[dict]]:
     """([(first, end)], [example]) for each run of `window_beats` beats of an example
     (`models.model.row_to_example`), every `step_beats`; the last run ends at the last beat."""
+    from ecgtok.models.model import BEAT_KEYS, LEAD_BEAT_KEYS, slice_beats
+
     t = ex["rhythm"].shape[0]
     if t == 0:
         return [], []
@@ -106,10 +108,8 @@ def window_examples(
     spans, parts = [], []
     for s in starts:
         e = min(t, s + window_beats)
-        part = {k: v for k, v in ex.items() if k in ("leads", "tokenizer")}
-        part["words"], part["rhythm"] = ex["words"][:, s:e], ex["rhythm"][s:e]
-        if "rr" in ex:
-            part["rr"] = ex["rr"][s:e]
+        kept = ("leads", "tokenizer", *LEAD_BEAT_KEYS, *BEAT_KEYS)
+        part = slice_beats({k: v for k, v in ex.items() if k in kept}, s, e)
         spans.append((s, e))
         parts.append(part)
     return spans, parts

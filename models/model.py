@@ -1,8 +1,9 @@
 """The scoring model: a small transformer encoder over a record's heartbeat sentence.
 
-Input per record (one token row): morphology words per lead and beat, one rhythm word
-per beat, and the lead of each row. Each beat becomes one vector: the mean over its
-leads of (word embedding + lead embedding), plus its rhythm word's embedding and its
+Input per record (one token row): morphology words per lead and beat, atrial words per
+lead and beat (tokenizers that have them), one rhythm word per beat, and the lead of each
+row. Each beat becomes one vector: the mean over its leads of (morphology word embedding +
+atrial word embedding + lead embedding), plus its rhythm word's embedding and its
 position. A transformer encoder reads the beat vectors; a masked mean gives the record's
 `embedding`; small heads give the probabilities. Fusing the leads per beat keeps the
 sequence as long as the beat count (not leads × beats), which keeps CPU scoring fast.
@@ -31,6 +32,10 @@ CONFIG_FILE = "config.json"
 MAX_BEATS = 512
 N_RR_FEATURES = 22
 RHYTHM_BLOCK = 128  # beats per block for the row-level rhythm statistics
+# Rows of fewer beats get no rhythm scores (null): with no RR interval to read, the model
+# only sees padding, and its rhythm scores would be noise (about 0.5, over any threshold).
+MIN_BEATS_FOR_RHYTHM = 2
+RHYTHM_HEADS = ("p_af", "p_other_rhythm")
 
 
 class EcgLM(nn.Module):
@@ -98,10 +103,15 @@ class EcgLM(nn.Module):
         rhythm: torch.Tensor,
         leads: torch.Tensor,
         rr: torch.Tensor | None = None,
+        atrial: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """words (B, L, T), rhythm (B, T), leads (B, L), rr (B, T, F) -> states (B, T, D), mask."""
+        """words (B, L, T), rhythm (B, T), leads (B, L), rr (B, T, F), atrial (B, L, T) ->
+        states (B, T, D), mask. Atrial words share the word table (their ids follow the
+        morphology words'); PAD atrial words (rows without them) add nothing."""
         lead_present = (leads >= 0).float()  # (B, L)
         x = self.word_vectors(words) + self.lead(leads.clamp(min=0))[:, :, None, :]
+        if atrial is not None:
+            x = x + self.word_vectors(atrial)
         x = (x * lead_present[:, :, None, None]).sum(1) / lead_present.sum(1).clamp(min=1)[
             :, None, None
         ]
@@ -151,8 +161,9 @@ class EcgLM(nn.Module):
         rhythm: torch.Tensor,
         leads: torch.Tensor,
         rr: torch.Tensor | None = None,
+        atrial: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        h, mask = self.encode(words, rhythm, leads, rr)
+        h, mask = self.encode(words, rhythm, leads, rr, atrial)
         m = mask.float()[:, :, None]
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
         feats = pooled
@@ -170,9 +181,9 @@ class EcgLM(nn.Module):
         out["embedding"] = pooled
         return out
 
-    def mlm_logits(self, words, rhythm, leads, rr=None) -> torch.Tensor:
+    def mlm_logits(self, words, rhythm, leads, rr=None, atrial=None) -> torch.Tensor:
         """Per-beat word logits (B, T, V) for masked-beat pretraining."""
-        h, _ = self.encode(words, rhythm, leads, rr)
+        h, _ = self.encode(words, rhythm, leads, rr, atrial)
         return self.mlm(h)
 
 
@@ -285,8 +296,8 @@ def _window_sum(x: np.ndarray, half: int) -> np.ndarray:
 def row_to_example(row: dict, max_beats: int = MAX_BEATS) -> dict[str, torch.Tensor]:
     """One token row -> the tensors the model reads (long records keep their first beats).
 
-    Keys: `words` (L, T), `rhythm` (T,), `leads` (L,), `rr` (T, N_RR_FEATURES) when the row
-    has `r_peaks` and `fs`, and `tokenizer` (a number from the row's `tokenizer_id`, which
+    Keys: `words` (L, T), `rhythm` (T,), `leads` (L,), `atrial` (L, T) when the row has
+    atrial words, `rr` (T, N_RR_FEATURES) when the row has `r_peaks` and `fs`, and `tokenizer` (a number from the row's `tokenizer_id`, which
     the model handler checks against the model's tokenizer).
     """
     from ecgtok.transforms.leads import lead_index
@@ -302,6 +313,9 @@ def row_to_example(row: dict, max_beats: int = MAX_BEATS) -> dict[str, torch.Ten
         "rhythm": torch.from_numpy(rhythm),
         "leads": torch.from_numpy(leads),
     }
+    if row.get("atrial_tokens"):
+        atrial = np.asarray(row["atrial_tokens"], dtype=np.int64).reshape(tokens.shape[0], -1)
+        ex["atrial"] = torch.from_numpy(atrial[:, :max_beats])
     if row.get("r_peaks") is not None and row.get("fs"):
         ex["rr"] = torch.from_numpy(rr_features(row["r_peaks"], row["fs"])[:max_beats])
     if row.get("tokenizer_id"):
@@ -318,7 +332,9 @@ def tokenizer_number(tokenizer_id: str) -> int:
 
 
 def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Pad a batch of variable-length examples (leads and beats) into dense tensors."""
+    """Pad a batch of variable-length examples (leads and beats) into dense tensors.
+
+    `atrial` is in the batch when any example has atrial words (PAD for the others)."""
     n = len(examples)
     max_l = max(1, max(e["leads"].shape[0] for e in examples))
     max_t = max(1, max(e["rhythm"].shape[0] for e in examples))
@@ -326,6 +342,9 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     rhythm = torch.full((n, max_t), PAD, dtype=torch.long)
     leads = torch.full((n, max_l), -1, dtype=torch.long)
     rr = torch.zeros((n, max_t, N_RR_FEATURES), dtype=torch.float32)
+    atrial = None
+    if any("atrial" in e for e in examples):
+        atrial = torch.full((n, max_l, max_t), PAD, dtype=torch.long)
     for i, e in enumerate(examples):
         nl, nt = e["words"].shape
         words[i, :nl, :nt] = e["words"]
@@ -333,7 +352,39 @@ def collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         leads[i, : e["leads"].shape[0]] = e["leads"]
         if "rr" in e:
             rr[i, :nt] = e["rr"][:nt]
-    return {"words": words, "rhythm": rhythm, "leads": leads, "rr": rr}
+        if atrial is not None and "atrial" in e:
+            atrial[i, :nl, :nt] = e["atrial"]
+    batch = {"words": words, "rhythm": rhythm, "leads": leads, "rr": rr}
+    if atrial is not None:
+        batch["atrial"] = atrial
+    return batch
+
+
+# Example tensors with one entry per beat: (leads, beats) and (beats, ...).
+LEAD_BEAT_KEYS = ("words", "atrial")
+BEAT_KEYS = ("rhythm", "rr")
+
+
+def slice_beats(example: dict, start: int, end: int) -> dict:
+    """The beats [start, end) of an example, every lead; other entries as they are."""
+    out = dict(example)
+    for key in LEAD_BEAT_KEYS:
+        if key in example:
+            out[key] = example[key][:, start:end]
+    for key in BEAT_KEYS:
+        if key in example:
+            out[key] = example[key][start:end]
+    return out
+
+
+def select_leads(example: dict, keep: list[int]) -> dict:
+    """The leads `keep` of an example (all beats)."""
+    out = dict(example)
+    out["leads"] = example["leads"][keep]
+    for key in LEAD_BEAT_KEYS:
+        if key in example:
+            out[key] = example[key][keep]
+    return out
 
 
 # ---- artifact ----------------------------------------------------------------------------

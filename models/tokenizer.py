@@ -5,12 +5,18 @@ Vocabulary layout (ids are stable within a tokenizer version):
     0 PAD   1 SEP   2 UNK (noisy or unreadable beat)   3 CLS   4 MASK
     5 .. 5+R-1          rhythm words: the RR interval before a beat, in R bins
     5+R .. 5+R+K-1      morphology words: codebook entry k of K
+    5+R+K .. +A-1       atrial words: atrial codebook entry a of A (tokenizers that have one)
 
 A record's `tokens` are, per lead, one morphology word (or UNK) per beat, aligned with
-its `r_peaks`. Its `rhythm` is one rhythm word per beat. The full lead-major sentence
-(`sentence`, with `sentence_lead` and `sentence_beat` positions) is
+its `r_peaks`; its `atrial_tokens` likewise one atrial word per beat (what the atria do
+before the beat: a P wave, fibrillatory waves, a flat line; `transforms.atrial`). Its
+`rhythm` is one rhythm word per beat. The full lead-major sentence (`sentence`, with
+`sentence_lead` and `sentence_beat` positions) is
 
     CLS  rhythm words  SEP  lead-0 words  SEP  lead-1 words  SEP ...
+
+where a lead's words are, beat by beat, its atrial word (if any) then its morphology word:
+the order in which a P wave and a QRS complex happen.
 
 How the tokenizer sees a beat (`beat_view`): the record is band-passed and resampled to
 100 Hz (`transforms.windows`), low-passed at `lowpass_hz`, cut into HeartLang's 96-sample
@@ -18,9 +24,9 @@ RR-masked windows, each lead's window re-centred on its own largest deflection w
 `align_samples` of the R peak, and scaled to unit energy (`beat_norm: "l2"`: a word is a
 beat's shape; its size is not part of it). These settings live in `tokenizer.json`.
 
-The artifact is a directory: `codebook.npy` (never pickled) and `tokenizer.json`
-(rate, window, filters, vocabulary, format version). `tokenizer_id` is a hash of both,
-checked every time the artifact is loaded.
+The artifact is a directory: `codebook.npy`, `basis.npy` and `atrial_codebook.npy` where
+used (never pickled), and `tokenizer.json` (rate, window, filters, vocabulary, format
+version). `tokenizer_id` is a hash of them all, checked every time the artifact is loaded.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ecgtok.transforms import windows as W
+from ecgtok.transforms.atrial import ATRIAL_END, ATRIAL_LEN, ATRIAL_START, atrial_windows
 
 FORMAT_VERSION = 1
 PAD, SEP, UNK, CLS, MASK = 0, 1, 2, 3, 4
@@ -43,6 +50,7 @@ RR_EDGES_S = np.geomspace(0.24, 2.0, 15)
 N_RHYTHM = len(RR_EDGES_S) + 2
 CODEBOOK_FILE = "codebook.npy"
 BASIS_FILE = "basis.npy"
+ATRIAL_FILE = "atrial_codebook.npy"
 # Defaults of the beat view for newly fitted tokenizers (older artifacts lack the keys and
 # keep the plain view: no low-pass, no alignment, no normalisation, filter then resample).
 DEFAULT_VIEW = {
@@ -109,14 +117,24 @@ class Tokenizer:
     # (d, WINDOW_LEN) orthonormal rows spanning the codebook, or None. The words then lie
     # in a d-dimensional subspace and the nearest word is found there, exactly.
     basis: np.ndarray | None = None
+    # (A, ATRIAL_LEN) float32 atrial words, or None (tokenizers without atrial words).
+    atrial_codebook: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int:
-        return N_SPECIAL + N_RHYTHM + self.codebook.shape[0]
+        return self.atrial_offset + self.atrial_size
 
     @property
     def morph_offset(self) -> int:
         return N_SPECIAL + N_RHYTHM
+
+    @property
+    def atrial_offset(self) -> int:
+        return self.morph_offset + self.codebook.shape[0]
+
+    @property
+    def atrial_size(self) -> int:
+        return 0 if self.atrial_codebook is None else int(self.atrial_codebook.shape[0])
 
     @property
     def tokenizer_id(self) -> str:
@@ -195,10 +213,56 @@ class Tokenizer:
         self, signal: np.ndarray, fs: float, r_peaks: np.ndarray, noisy: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(morphology words (leads, beats), rhythm words (beats,)) for one recording."""
-        wins = self.beat_windows(signal, fs, r_peaks)
-        if wins.shape[0] == 0:
-            return np.zeros((wins.shape[1], 0), dtype=np.int64), np.zeros(0, dtype=np.int64)
-        return self.encode_windows(wins, noisy), self.rhythm_words(r_peaks, fs)
+        words, rhythm, _ = self.encode_beats(signal, fs, r_peaks, noisy)
+        return words, rhythm
+
+    def encode_beats(
+        self, signal: np.ndarray, fs: float, r_peaks: np.ndarray, noisy: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(morphology words (leads, beats), rhythm words (beats,), atrial words (leads,
+        beats), None for a tokenizer without atrial words) for one recording."""
+        clean = view_signal(signal, fs, self.view)
+        r100 = W.to_window_rate(r_peaks, fs)
+        wins = shape_windows(W.beat_windows(clean, r100), self.view)
+        n_beats, n_leads = wins.shape[0], clean.shape[1]
+        has_atrial = self.atrial_codebook is not None
+        if n_beats == 0:
+            empty = np.zeros((n_leads, 0), dtype=np.int64)
+            return empty, np.zeros(0, dtype=np.int64), empty.copy() if has_atrial else None
+        words = self.encode_windows(wins, noisy)
+        atrial = self.encode_atrial(atrial_windows(clean, r100), noisy) if has_atrial else None
+        return words, self.rhythm_words(r_peaks, fs), atrial
+
+    def encode_atrial(self, windows: np.ndarray, noisy: np.ndarray | None = None) -> np.ndarray:
+        """Atrial word ids (leads, beats) for atrial windows (beats, leads, ATRIAL_LEN)."""
+        n_beats, n_leads, length = windows.shape
+        codebook_t, half_norm = self._atrial_search_arrays()
+        x = np.asarray(windows, dtype=np.float32).reshape(-1, length)
+        scores = x @ codebook_t  # nearest word: argmax x.c - |c|^2 / 2, as in `assign`
+        scores -= half_norm
+        codes = np.argmax(scores, axis=1).reshape(n_beats, n_leads)
+        words = (codes + self.atrial_offset).T.copy()
+        if noisy is not None and noisy.size:
+            words[:, np.asarray(noisy, dtype=bool)] = UNK
+        return words
+
+    def _atrial_search_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        cached = self.__dict__.get("_atrial_search")
+        if cached is None:
+            c = np.asarray(self.atrial_codebook, dtype=np.float32)
+            cached = (np.ascontiguousarray(c.T), 0.5 * (c * c).sum(axis=1))
+            self.__dict__["_atrial_search"] = cached
+        return cached
+
+    def decode_atrial(self, tokens) -> np.ndarray:
+        """Atrial centroid windows (..., ATRIAL_LEN) for atrial word ids; zeros for others."""
+        t = np.asarray(tokens, dtype=np.int64)
+        k = t - self.atrial_offset
+        valid = (k >= 0) & (k < self.atrial_size)
+        out = np.zeros(t.shape + (ATRIAL_LEN,), dtype=np.float32)
+        if self.atrial_codebook is not None:
+            out[valid] = self.atrial_codebook[k[valid]]
+        return out
 
     # ---- artifact -------------------------------------------------------------------
     def save(self, folder: str) -> str:
@@ -214,6 +278,15 @@ class Tokenizer:
             _write_bytes(_join(folder, BASIS_FILE), parts[-1])
         else:
             meta.pop("search_dims", None)
+        if self.atrial_codebook is not None:
+            meta["atrial_codebook_size"] = self.atrial_size
+            meta["atrial_offset"] = self.atrial_offset
+            meta["atrial_window"] = [ATRIAL_START, ATRIAL_END]
+            parts.append(_npy_bytes(self.atrial_codebook))
+            _write_bytes(_join(folder, ATRIAL_FILE), parts[-1])
+        else:
+            for key in ("atrial_codebook_size", "atrial_offset", "atrial_window"):
+                meta.pop(key, None)
         meta["tokenizer_id"] = content_hash(*parts, _canonical(meta))
         self.meta = meta
         _write_bytes(_join(folder, CODEBOOK_FILE), npy)
@@ -236,8 +309,13 @@ class Tokenizer:
         claimed = meta.get("tokenizer_id")
         rest = {k: v for k, v in meta.items() if k != "tokenizer_id"}
         parts = [npy]
+        basis_npy = atrial_npy = None
         if meta.get("search_dims"):
-            parts.append(_read_bytes(_join(folder, BASIS_FILE)))
+            basis_npy = _read_bytes(_join(folder, BASIS_FILE))
+            parts.append(basis_npy)
+        if meta.get("atrial_codebook_size"):
+            atrial_npy = _read_bytes(_join(folder, ATRIAL_FILE))
+            parts.append(atrial_npy)
         actual = content_hash(*parts, _canonical(rest))
         if claimed != actual:
             raise ArtifactError(
@@ -249,12 +327,21 @@ class Tokenizer:
             raise ArtifactError(
                 f"tokenizer {folder}: codebook shape {codebook.shape} is not (K, 96)"
             )
-        basis = None
-        if len(parts) > 1:
-            basis = np.load(io.BytesIO(parts[1]), allow_pickle=False).astype(np.float32)
+        basis = atrial = None
+        if basis_npy is not None:
+            basis = np.load(io.BytesIO(basis_npy), allow_pickle=False).astype(np.float32)
             if basis.ndim != 2 or basis.shape != (meta["search_dims"], W.WINDOW_LEN):
                 raise ArtifactError(f"tokenizer {folder}: basis shape {basis.shape} is wrong")
-        return cls(codebook=codebook, meta=meta, basis=basis)
+        if atrial_npy is not None:
+            atrial = np.load(io.BytesIO(atrial_npy), allow_pickle=False).astype(np.float32)
+            if atrial.shape != (meta["atrial_codebook_size"], ATRIAL_LEN) or meta.get(
+                "atrial_window"
+            ) != [ATRIAL_START, ATRIAL_END]:
+                raise ArtifactError(
+                    f"tokenizer {folder}: atrial codebook {atrial.shape} or window "
+                    f"{meta.get('atrial_window')} is not what this ecgtok reads"
+                )
+        return cls(codebook=codebook, meta=meta, basis=basis, atrial_codebook=atrial)
 
 
 def beat_view(signal: np.ndarray, fs: float, r_peaks: np.ndarray, view: dict) -> np.ndarray:
@@ -267,17 +354,21 @@ def beat_view(signal: np.ndarray, fs: float, r_peaks: np.ndarray, view: dict) ->
     cheaper order, `windows.resample_then_filter`).
     """
 
+    clean = view_signal(signal, fs, view)
+    wins = W.beat_windows(clean, W.to_window_rate(r_peaks, fs))
+    return shape_windows(wins, view)
+
+
+def view_signal(signal: np.ndarray, fs: float, view: dict) -> np.ndarray:
+    """The recording (n, leads) at 100 Hz, filtered as `view` says (see `beat_view`)."""
     lp = view.get("lowpass_hz")
     if view.get("resample_first"):
-        clean = W.resample_then_filter(signal, fs, lp)
-        lp = None  # done in the same pass
-    else:  # the view of tokenizers fitted before resample_first existed
-        clean = W.clean_for_windows(signal, fs)
+        return W.resample_then_filter(signal, fs, lp)  # low-pass in the same pass
+    clean = W.clean_for_windows(signal, fs)  # the view of tokenizers fitted before that
     if lp and clean.shape[0] > 30:
         # Same zero-phase order-4 Butterworth, designed once per cut-off (bit for bit).
         clean = W.lowpass(clean, float(lp))
-    wins = W.beat_windows(clean, W.to_window_rate(r_peaks, fs))
-    return shape_windows(wins, view)
+    return clean
 
 
 def shape_windows(wins: np.ndarray, view: dict) -> np.ndarray:
@@ -371,6 +462,16 @@ def fit_codebook(beats: np.ndarray, vocab_size: int, seed: int = 0) -> np.ndarra
     return centers[np.argsort((centers**2).sum(axis=1), kind="stable")]
 
 
+def fit_atrial_codebook(windows: np.ndarray, vocab_size: int, seed: int = 0) -> np.ndarray:
+    """Atrial words: k-means on atrial windows (N, ATRIAL_LEN), ordered by energy, so the
+    smallest ids are the flattest atria. Windows that are all masked are left out."""
+    x = np.asarray(windows, dtype=np.float32)
+    x = x[np.abs(x).sum(axis=1) > 0]
+    if x.shape[0] == 0:
+        raise ValueError("no atrial window to fit atrial words on")
+    return fit_codebook(x, vocab_size, seed)
+
+
 def principal_basis(beats: np.ndarray, dims: int) -> np.ndarray:
     """The `dims` orthonormal rows (dims, D) that hold most of the windows' energy.
 
@@ -404,17 +505,25 @@ def fit_codebook_in_subspace(
 
 
 def build_sentence(
-    words: np.ndarray, rhythm: np.ndarray
+    words: np.ndarray, rhythm: np.ndarray, atrial: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Lead-major sentence with lead (-1 for rhythm/special) and beat positions."""
+    """Lead-major sentence with lead (-1 for rhythm/special) and beat positions.
+
+    With `atrial` words (leads, beats), each beat of a lead reads atrial word, then
+    morphology word."""
     n_leads, n_beats = words.shape
+    per_beat = 1
+    if atrial is not None:
+        words = np.stack([atrial, words], axis=2).reshape(n_leads, 2 * n_beats)
+        per_beat = 2
+    positions = np.repeat(np.arange(n_beats), per_beat)
     parts = [np.array([CLS]), rhythm, np.array([SEP])]
     lead = [np.array([-1]), np.full(n_beats, -1), np.array([-1])]
     beat = [np.array([-1]), np.arange(n_beats), np.array([-1])]
     for i in range(n_leads):
         parts += [words[i], np.array([SEP])]
-        lead += [np.full(n_beats, i), np.array([i])]
-        beat += [np.arange(n_beats), np.array([-1])]
+        lead += [np.full(positions.size, i), np.array([i])]
+        beat += [positions, np.array([-1])]
     return (
         np.concatenate(parts).astype(np.int32),
         np.concatenate(lead).astype(np.int16),

@@ -29,6 +29,7 @@ from ecgtok.models.tokenizer import (
     Tokenizer,
     _join,
     _read_bytes,
+    fit_atrial_codebook,
     fit_codebook_in_subspace,
     tokenizer_meta,
 )
@@ -47,8 +48,8 @@ def in_holdout(record_id: str, seed: int, fraction: float) -> bool:
 
 
 def beat_samples(ref, seed: int, per_record: int, holdout: float = 0.0, view: dict | None = None):
-    """(priority, window) pairs for up to `per_record` beats × leads of one record."""
-    from ecgtok.models.tokenizer import beat_view
+    """(priority, beat window + atrial window) pairs for up to `per_record` beats × leads
+    of one record."""
     from ecgtok.transforms.errors import RecordError
     from ecgtok.transforms.record_tokens import find_beats
     from ecgtok.transforms.wfdb_reader import read_record
@@ -62,16 +63,31 @@ def beat_samples(ref, seed: int, per_record: int, holdout: float = 0.0, view: di
         return
     from ecgtok.transforms.beats import FLAG_NOISE_MASK
 
-    wins = beat_view(rec.signal, rec.fs, r_peaks, DEFAULT_VIEW if view is None else view)
+    wins, atrial = sample_windows(rec.signal, rec.fs, r_peaks, view)
+    # One sample row per beat and lead: the beat window, then its atrial window.
+    both = np.concatenate([wins, atrial], axis=2)
     items = []
-    for b in range(wins.shape[0]):
+    for b in range(both.shape[0]):
         if flags.size and flags[b] & FLAG_NOISE_MASK:
             continue
-        for lead in range(wins.shape[1]):
+        for lead in range(both.shape[1]):
             # Plain bytes: cheap to encode between stages on every runner.
-            items.append((_priority(seed, ref.record_id, b, lead), wins[b, lead].tobytes()))
+            items.append((_priority(seed, ref.record_id, b, lead), both[b, lead].tobytes()))
     items.sort(key=lambda t: t[0])
     yield from items[:per_record]
+
+
+def sample_windows(signal, fs: float, r_peaks, view: dict | None = None):
+    """(beat windows (beats, leads, 96), atrial windows (beats, leads, ATRIAL_LEN)) of a
+    recording as a tokenizer of this `view` sees them."""
+    from ecgtok.models.tokenizer import shape_windows, view_signal
+    from ecgtok.transforms import windows as W
+    from ecgtok.transforms.atrial import atrial_windows
+
+    view = DEFAULT_VIEW if view is None else view
+    clean = view_signal(signal, fs, view)
+    r100 = W.to_window_rate(r_peaks, fs)
+    return shape_windows(W.beat_windows(clean, r100), view), atrial_windows(clean, r100)
 
 
 def sample_beats(
@@ -84,7 +100,8 @@ def sample_beats(
     holdout: float = 0.0,
     view: dict | None = None,
 ):
-    """Run the sampling Beam job and return the sampled windows (N, 96), sorted by priority."""
+    """Run the sampling Beam job; the sampled (beat windows (N, 96), atrial windows (N,
+    ATRIAL_LEN)), sorted by priority."""
     import apache_beam as beam
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -107,18 +124,22 @@ def sample_beats(
         )
     data = _read_bytes(sample_path)
     FileSystems.delete([sample_path])
-    beats = np.load(io.BytesIO(data), allow_pickle=False)
-    if beats.shape[0] == 0:
+    sample = np.load(io.BytesIO(data), allow_pickle=False)
+    if sample.shape[0] == 0:
         raise SystemExit("ecgtok: error: no beats found in --input")
-    return beats
+    from ecgtok.transforms.windows import WINDOW_LEN
+
+    return sample[:, :WINDOW_LEN], sample[:, WINDOW_LEN:]
 
 
 def _write_sample(items, path: str) -> None:
     from apache_beam.io.filesystems import FileSystems
 
+    from ecgtok.transforms.atrial import ATRIAL_LEN
     from ecgtok.transforms.windows import WINDOW_LEN
 
-    arr = np.frombuffer(b"".join(w for _, w in items), dtype=np.float32).reshape(-1, WINDOW_LEN)
+    width = WINDOW_LEN + ATRIAL_LEN
+    arr = np.frombuffer(b"".join(w for _, w in items), dtype=np.float32).reshape(-1, width)
     buf = io.BytesIO()
     np.save(buf, arr.astype(np.float32), allow_pickle=False)
     with FileSystems.create(path) as f:
@@ -135,6 +156,12 @@ def fit_tokenizer_main(argv: list[str]) -> int:
         type=int,
         default=48,
         help="fit and search words in this many principal directions (0: all 96)",
+    )
+    ap.add_argument(
+        "--atrial-vocab",
+        type=int,
+        default=512,
+        help="atrial words (what the atria do before each beat); 0: none",
     )
     ap.add_argument("--max-beats", type=int, default=120_000)
     ap.add_argument("--per-record", type=int, default=600)
@@ -154,7 +181,7 @@ def fit_tokenizer_main(argv: list[str]) -> int:
         view["beat_norm"] = args.beat_norm
     if not FileSystems.exists(args.output):
         FileSystems.mkdirs(args.output)
-    beats = sample_beats(
+    beats, atrial = sample_beats(
         args.input,
         args.output,
         args.max_beats,
@@ -165,13 +192,19 @@ def fit_tokenizer_main(argv: list[str]) -> int:
         view,
     )
     codebook, basis = fit_codebook_in_subspace(beats, args.vocab_size, args.search_dims, args.seed)
+    atrial_codebook = None
+    if args.atrial_vocab > 0:
+        atrial_codebook = fit_atrial_codebook(atrial, args.atrial_vocab, args.seed)
     source = " ".join(_portable(s) for s in args.input)
     meta = tokenizer_meta(codebook.shape[0], args.seed, len(beats), source, view)
     meta["holdout_fraction"] = args.holdout
     meta["per_record"] = args.per_record
-    tok = Tokenizer(codebook, meta, basis)
+    tok = Tokenizer(codebook, meta, basis, atrial_codebook)
     tid = tok.save(args.output)
-    print(json.dumps({"tokenizer_id": tid, "beats": len(beats), "codebook": list(codebook.shape)}))
+    shapes = {"codebook": list(codebook.shape)}
+    if atrial_codebook is not None:
+        shapes["atrial_codebook"] = list(atrial_codebook.shape)
+    print(json.dumps({"tokenizer_id": tid, "beats": len(beats), **shapes}))
     return 0
 
 
@@ -347,6 +380,7 @@ ROW_COLUMNS = (
     "lead_names",
     "r_peaks",
     "tokens",
+    "atrial_tokens",
     "rhythm",
     "tokenizer_id",
 )
@@ -435,15 +469,27 @@ def pretrain(
             masked = (torch.rand(beat_ok.shape) < 0.15) & beat_ok
             if not masked.any():
                 continue
-            target = b["words"].clone()
-            words = b["words"].clone()
-            words[masked[:, None, :].expand_as(words)] = MASK
-            words[target == PAD] = PAD
-            logits = model.mlm_logits(words, b["rhythm"], b["leads"], b["rr"])  # (B, T, V)
-            # Every present lead of a masked beat is a target for that beat's state.
-            lead_ok = (b["leads"] >= 0)[:, :, None] & masked[:, None, :] & (target != PAD)
-            lg = logits[:, None, :, :].expand(-1, words.shape[1], -1, -1)[lead_ok]
-            loss = torch.nn.functional.cross_entropy(lg, target[lead_ok])
+            # A masked beat hides all its words (morphology and atrial, every lead), and
+            # each of them that is present is a target for that beat's state.
+            inputs, targets = {}, []
+            for key in ("words", "atrial"):
+                if key not in b:
+                    continue
+                target = b[key]
+                hidden = target.clone()
+                hidden[masked[:, None, :].expand_as(hidden)] = MASK
+                hidden[target == PAD] = PAD
+                inputs[key] = hidden
+                targets.append(target)
+            logits = model.mlm_logits(
+                inputs["words"], b["rhythm"], b["leads"], b["rr"], inputs.get("atrial")
+            )  # (B, T, V)
+            lead_ok = (b["leads"] >= 0)[:, :, None] & masked[:, None, :]
+            expanded = logits[:, None, :, :].expand(-1, b["words"].shape[1], -1, -1)
+            picked = [(expanded[lead_ok & (t != PAD)], t[lead_ok & (t != PAD)]) for t in targets]
+            loss = torch.nn.functional.cross_entropy(
+                torch.cat([lg for lg, _ in picked]), torch.cat([t for _, t in picked])
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -458,14 +504,11 @@ def _crop(example: dict, rng: np.random.Generator, max_beats: int, min_beats: in
     t = example["rhythm"].shape[0]
     if t <= max_beats and not min_beats:
         return example
+    from ecgtok.models.model import slice_beats
+
     n = int(rng.integers(min(min_beats or max_beats, t), min(max_beats, t) + 1))
     s = int(rng.integers(0, t - n + 1))
-    out = dict(example)
-    out["words"] = example["words"][:, s : s + n]
-    out["rhythm"] = example["rhythm"][s : s + n]
-    if "rr" in example:
-        out["rr"] = example["rr"][s : s + n]
-    return out
+    return slice_beats(example, s, s + n)
 
 
 def _lead_dropout(example: dict, rng: np.random.Generator) -> dict:
@@ -473,15 +516,14 @@ def _lead_dropout(example: dict, rng: np.random.Generator) -> dict:
     n = example["leads"].shape[0]
     if n < 2 or rng.random() < 0.3:
         return example
+    from ecgtok.models.model import select_leads
+
     keep = (
         [int(rng.integers(n))]
         if rng.random() < 0.5
         else sorted(rng.choice(n, size=int(rng.integers(2, n + 1)), replace=False).tolist())
     )
-    out = dict(example)
-    out["words"] = example["words"][keep]
-    out["leads"] = example["leads"][keep]
-    return out
+    return select_leads(example, keep)
 
 
 def labelled(rows: list[dict], labels: dict) -> list[tuple[dict, dict]]:
@@ -560,10 +602,11 @@ def finetune(
 
 
 def predict(model, rows: list[dict], batch: int = 64) -> dict[str, np.ndarray]:
-    """Head probabilities for rows (eval mode, no augmentation)."""
+    """Head probabilities for rows (eval mode, no augmentation), as a job scores them:
+    rows of fewer than MIN_BEATS_FOR_RHYTHM beats have no rhythm scores (NaN)."""
     import torch
 
-    from ecgtok.models.model import collate, row_to_example
+    from ecgtok.models.model import MIN_BEATS_FOR_RHYTHM, RHYTHM_HEADS, collate, row_to_example
 
     model.eval()
     outs: dict[str, list] = {h: [] for h in model.heads}
@@ -573,7 +616,18 @@ def predict(model, rows: list[dict], batch: int = 64) -> dict[str, np.ndarray]:
             o = model(**b)
             for h in model.heads:
                 outs[h].append(o[h].numpy())
-    return {h: np.concatenate(v) if v else np.zeros(0) for h, v in outs.items()}
+    out = {h: np.concatenate(v) if v else np.zeros(0) for h, v in outs.items()}
+    few = np.array([len(r["rhythm"]) < MIN_BEATS_FOR_RHYTHM for r in rows], dtype=bool)
+    for h in RHYTHM_HEADS:
+        if h in out and few.any():
+            out[h] = np.where(few, np.nan, out[h]).astype(out[h].dtype)
+    return out
+
+
+def never_flagged(score: np.ndarray) -> np.ndarray:
+    """A row with no score (NaN: no beats to read) is never flagged: it ranks as 0. So
+    every labelled row counts in the metrics, for the model and the baselines alike."""
+    return np.nan_to_num(np.asarray(score, dtype=np.float64), nan=0.0)
 
 
 def read_labels(path: str, heads, split: str | None = None) -> dict:
@@ -635,10 +689,17 @@ def _finetune_options(args) -> dict:
 
 
 def word_shapes(tok) -> np.ndarray:
-    """(vocab_size, window) centroid waveform of every morphology word; 0 for other ids."""
+    """(vocab_size, window) centroid waveform of every morphology word, and of every atrial
+    word placed where it lies in a beat window; 0 for other ids."""
+    from ecgtok.transforms.atrial import ATRIAL_END, ATRIAL_START
+    from ecgtok.transforms.windows import R_INDEX
+
     k = tok.codebook.shape[0]
     out = np.zeros((tok.vocab_size, tok.codebook.shape[1]), dtype=np.float32)
     out[tok.morph_offset : tok.morph_offset + k] = tok.decode(np.arange(k) + tok.morph_offset)
+    if tok.atrial_size:
+        ids = np.arange(tok.atrial_size) + tok.atrial_offset
+        out[ids, R_INDEX + ATRIAL_START : R_INDEX + ATRIAL_END] = tok.decode_atrial(ids)
     return out
 
 
@@ -856,7 +917,7 @@ def evaluate_main(argv: list[str]) -> int:
     """Cross-validate (--init: fine-tune per fold) or score a trained --model on labels."""
     import copy
 
-    from ecgtok.models.model import HEADS, load_model
+    from ecgtok.models.model import HEADS, RHYTHM_HEADS, load_model
 
     ap = argparse.ArgumentParser(prog="ecgtok evaluate")
     ap.add_argument("--tokens", nargs="+", required=True)
@@ -907,10 +968,12 @@ def evaluate_main(argv: list[str]) -> int:
             for h in HEADS:
                 preds[h][test] = out[h]
             _err(f"fold {k + 1}/{args.folds} done ({len(train)} train rows, {len(test)} test rows)")
-    baseline = np.array([rr_baseline(r) for r, _ in pairs])
+    for h in RHYTHM_HEADS:
+        preds[h] = never_flagged(preds[h])
+    baseline = never_flagged([rr_baseline(r) for r, _ in pairs])
     baselines = {
         "rmssd_over_mean_rr": baseline,
-        "rr_changes_over_10pct": np.array([rr_irregularity(r) for r, _ in pairs]),
+        "rr_changes_over_10pct": never_flagged([rr_irregularity(r) for r, _ in pairs]),
     }
     y_af = np.array([y.get("p_af", np.nan) for _, y in pairs])
     threshold = (

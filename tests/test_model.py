@@ -97,6 +97,55 @@ def test_collate_pads_leads_and_beats():
     assert (b["rr"][1, 5:] == 0).all()
 
 
+def _with_atrial(row: dict, offset: int = 40, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    shape = np.asarray(row["tokens"]).shape
+    return dict(row, atrial_tokens=rng.integers(offset, offset + 10, size=shape).tolist())
+
+
+def test_atrial_words_are_read_and_rows_without_them_are_unchanged():
+    model, _ = _tiny_model(vocab=60)
+    model.eval()
+    plain = _row(12, ("I", "II"))
+    a, b = _with_atrial(plain, seed=1), _with_atrial(plain, seed=2)
+    ex = row_to_example(a)
+    assert ex["atrial"].shape == ex["words"].shape
+    batch = collate([ex, row_to_example(_row(5, ("V1",)))])  # the second has none: PAD
+    assert batch["atrial"].shape == (2, 2, 12) and (batch["atrial"][1] == 0).all()
+    with torch.inference_mode():
+        p_a = model(**collate([row_to_example(a)]))["p_af"]
+        p_b = model(**collate([row_to_example(b)]))["p_af"]
+        p_plain = model(**collate([row_to_example(plain)]))["p_af"]
+        p_pad = model(**batch)["p_af"][1]
+        p_alone = model(**collate([row_to_example(_row(5, ("V1",)))]))["p_af"][0]
+    assert not torch.allclose(p_a, p_b)  # other atrial words, another score
+    assert not torch.allclose(p_a, p_plain)
+    torch.testing.assert_close(p_pad, p_alone, atol=1e-5, rtol=1e-4)  # PAD atrial adds nothing
+
+
+def test_slicing_beats_and_leads_keeps_every_beat_aligned_tensor():
+    from ecgtok.models.model import select_leads, slice_beats
+
+    ex = row_to_example(_with_atrial(_row(12, ("I", "II", "V1"))))
+    part = select_leads(slice_beats(ex, 3, 8), [0, 2])
+    assert part["words"].shape == part["atrial"].shape == (2, 5)
+    assert part["rhythm"].shape == (5,) and part["rr"].shape == (5, N_RR_FEATURES)
+    torch.testing.assert_close(part["atrial"], ex["atrial"][[0, 2], 3:8])
+    torch.testing.assert_close(part["rr"], ex["rr"][3:8])
+    assert part["leads"].tolist() == ex["leads"][[0, 2]].tolist()
+
+
+def test_predict_gives_no_rhythm_score_to_rows_without_beats_and_evaluate_ranks_them_low():
+    from ecgtok.models.train import never_flagged, predict
+
+    model, _ = _tiny_model()
+    empty = dict(_row(12), r_peaks=[], tokens=[[], []], rhythm=[])
+    out = predict(model, [_row(12), empty])
+    assert np.isfinite(out["p_af"][0]) and np.isnan(out["p_af"][1])
+    assert np.isnan(out["p_other_rhythm"][1]) and np.isfinite(out["p_noisy"][1])
+    assert never_flagged(out["p_af"]).tolist() == [out["p_af"][0], 0.0]
+
+
 def test_padding_does_not_change_a_records_scores():
     model, _ = _tiny_model()
     model.eval()

@@ -59,6 +59,9 @@ def check_token_rows(rows: list[dict]) -> None:
         for lead_words in row["tokens"]:
             assert len(lead_words) == len(r)
         assert len(row["rhythm"]) == len(r)
+        # atrial words: none (a tokenizer without them), or one per beat of every lead
+        atrial = row["atrial_tokens"]
+        assert atrial == [] or [len(a) for a in atrial] == [len(r)] * len(row["lead_names"])
         assert row["tokenizer_id"]
         if len(r):
             assert row["start_sample"] <= r[0] and r[-1] < row["start_sample"] + row["n_samples"]

@@ -111,21 +111,24 @@ def _meta_columns(meta: dict) -> dict:
 
 def _tokenize_window(
     chunk: Record, tokenizer: Tokenizer
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Beats, flags, words and rhythm words of one read window (indices local to it)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Beats, flags, words, rhythm words and atrial words (None for a tokenizer without
+    atrial words) of one read window (indices local to it)."""
     from ecgtok.transforms.beats import FLAG_NOISE_MASK
 
     r_peaks, flags = find_beats(chunk)
     try:
         noisy = (flags & FLAG_NOISE_MASK) != 0 if flags.size else np.zeros(0, dtype=bool)
-        words, rhythm = tokenizer.encode(chunk.signal, chunk.fs, r_peaks, noisy)
+        words, rhythm, atrial = tokenizer.encode_beats(chunk.signal, chunk.fs, r_peaks, noisy)
     except Exception as exc:
         raise RecordError("tokenize", type(exc).__name__, str(exc)) from exc
-    return r_peaks, flags, words, rhythm
+    return r_peaks, flags, words, rhythm, atrial
 
 
-def _row(reader, start: int, end: int, peaks, flags, words, rhythm, tokenizer, extra) -> dict:
-    sentence, s_lead, s_beat = build_sentence(words, rhythm)
+def _row(
+    reader, start: int, end: int, peaks, flags, words, rhythm, atrial, tokenizer, extra
+) -> dict:
+    sentence, s_lead, s_beat = build_sentence(words, rhythm, atrial)
     return {
         "record_id": reader.record_id,
         "start_sample": int(start),
@@ -136,6 +139,8 @@ def _row(reader, start: int, end: int, peaks, flags, words, rhythm, tokenizer, e
         "r_peaks": peaks.astype(np.int64).tolist(),
         "beat_flags": flags.astype(np.int32).tolist(),
         "tokens": words.astype(np.int32).tolist(),
+        # Empty for a tokenizer without atrial words.
+        "atrial_tokens": [] if atrial is None else atrial.astype(np.int32).tolist(),
         "rhythm": rhythm.astype(np.int32).tolist(),
         "sentence": sentence.tolist(),
         "sentence_lead": s_lead.astype(np.int32).tolist(),
@@ -159,7 +164,7 @@ def tokenize_reader(
     for start, end in segment_bounds(n, fs, segment_s):
         lo, hi = max(0, start - context), min(n, end + context)
         chunk = reader.record(lo, hi)
-        peaks, flags, words, rhythm = _tokenize_window(chunk, tokenizer)
+        peaks, flags, words, rhythm, atrial = _tokenize_window(chunk, tokenizer)
         peaks = peaks + lo
         keep = (peaks >= start) & (peaks < end) & (peaks > last_kept + refractory)
         if keep.any():
@@ -173,6 +178,7 @@ def tokenize_reader(
                 flags[keep],
                 words[:, keep],
                 rhythm[keep],
+                None if atrial is None else atrial[:, keep],
                 tokenizer,
                 extra,
             )

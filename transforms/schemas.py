@@ -21,6 +21,8 @@ TOKEN_FIELDS = [
     pa.field("r_peaks", pa.list_(pa.int64())),
     pa.field("beat_flags", pa.list_(pa.int32())),
     pa.field("tokens", pa.list_(pa.list_(pa.int32()))),
+    # Per lead, one atrial word per beat; empty for tokenizers without atrial words.
+    pa.field("atrial_tokens", pa.list_(pa.list_(pa.int32()))),
     pa.field("rhythm", pa.list_(pa.int32())),
     pa.field("sentence", pa.list_(pa.int32())),
     pa.field("sentence_lead", pa.list_(pa.int32())),

@@ -25,9 +25,6 @@ from ecgtok.transforms.schemas import extra_field_names
 NAMESPACE = "ecgtok"
 # Records per batch handed to one tokenizing DoFn call (one guarded-child pipeline).
 BATCH_RECORDS = 16
-# Score rows of fewer beats get no rhythm scores (null), only p_noisy and the embedding.
-MIN_BEATS_FOR_RHYTHM = 2
-RHYTHM_HEADS = ("p_af", "p_other_rhythm")
 ERRORS = "errors"
 _LOG = logging.getLogger(__name__)
 
@@ -206,7 +203,7 @@ def _score_key(row: dict, extra_columns: list[str]) -> tuple:
 
 
 def _to_score_row(keyed, extra_columns: list[str]) -> dict:
-    from ecgtok.models.model import HEADS
+    from ecgtok.models.model import HEADS, MIN_BEATS_FOR_RHYTHM, RHYTHM_HEADS
 
     (record_id, start, extra), result = keyed
     inf = result.inference
@@ -224,9 +221,7 @@ def _to_score_row(keyed, extra_columns: list[str]) -> dict:
     }
     for head in HEADS:
         row[head] = float(inf[head]) if head in inf else None
-    if row["n_beats"] < MIN_BEATS_FOR_RHYTHM:
-        # No beats (a flat or unreadable record): the model only saw padding, and its
-        # rhythm scores would be noise (about 0.5, over any alert threshold).
+    if row["n_beats"] < MIN_BEATS_FOR_RHYTHM:  # a flat or unreadable record
         for head in RHYTHM_HEADS:
             row[head] = None
     row.update(dict(zip(extra_columns, extra, strict=True)))
