@@ -4,8 +4,10 @@ It is Beam's `PytorchModelHandlerKeyedTensor`, with two changes that the model n
 
 * `load_model` reads the safetensors artifact (local or gs://) and checks its hash,
   where Beam's default would `torch.load` a pickled state dict;
-* `run_inference` pads each batch, because records have different numbers of leads and
-  beats and Beam's default inference function stacks equal-shaped tensors only; it adds
+* `run_inference` makes the batch's RR features in one go (`with_rr_features`: row by row
+  they cost more than the model), and pads each batch, because records have different
+  numbers of leads and beats and Beam's default inference function stacks equal-shaped
+  tensors only; it adds
   AF burden and episodes for long rows (`models.burden`, windows of 48 beats); and it
   refuses (`ArtifactError`) examples made from another tokenizer's token rows, whose
   word ids would mean nothing to this model.
@@ -28,6 +30,7 @@ from ecgtok.models.model import (
     load_model,
     pick_device,
     tokenizer_number,
+    with_rr_features,
 )
 from ecgtok.models.tokenizer import ArtifactError, _join
 
@@ -61,6 +64,7 @@ class EcgModelHandler(PytorchModelHandlerKeyedTensor):
         inference_args: dict[str, Any] | None = None,
     ) -> Iterable[PredictionResult]:
         check_tokenizer(batch, getattr(model, "tokenizer_id", ""))
+        batch = with_rr_features(list(batch))
         device = next(model.parameters()).device
         with torch.inference_mode():
             inputs = {k: v.to(device) for k, v in collate(list(batch)).items()}

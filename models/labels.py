@@ -18,9 +18,11 @@ Sources:
   flutter (164890007) without AF -> p_af unknown; otherwise p_af=0. p_noisy and
   p_other_rhythm unknown (the codes do not say).
 * `mitdb/*.atr` rhythm annotations: each 5-minute segment (the pipeline's default
-  segmentation, `start_sample` at 360 Hz) gets p_af = the fraction of its time in `(AFIB`,
-  p_other_rhythm = the fraction in a rhythm other than `(N` and `(AFIB` (AFL, NOD, VT, T,
-  B, SVTA, AB, P, ...). p_noisy unknown. Segments shorter than 30 s are left out.
+  segmentation, `start_sample` at 360 Hz; `--mitdb-segment-seconds 30` for 30 s windows,
+  tokenized with the same `--segment_seconds`) gets p_af = the fraction of its time in
+  `(AFIB`, p_other_rhythm = the fraction in a rhythm other than `(N` and `(AFIB` (AFL,
+  NOD, VT, T, B, SVTA, AB, P, ...). p_noisy unknown. Segments shorter than 30 s are left
+  out.
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def segment_fractions(
 
 
 def mitdb_labels(folder: str, segment_s: float = SEGMENT_S) -> list[dict]:
-    """One row per 5-minute segment of every annotated record."""
+    """One row per segment (5 minutes by default) of every annotated record."""
     import wfdb
 
     rows = []
@@ -163,14 +165,18 @@ BUILDERS = {
 }
 
 
-def build_labels(data: str, prefix_folder: bool = False) -> list[dict]:
-    """Rows for every known source present under `data`."""
+def build_labels(
+    data: str, prefix_folder: bool = False, mitdb_segment_s: float = SEGMENT_S
+) -> list[dict]:
+    """Rows for every known source present under `data`; MIT-BIH in segments of
+    `mitdb_segment_s` (tokenize it with the same `--segment_seconds`)."""
     rows = []
     for sub, builder in BUILDERS.items():
         folder = os.path.join(data, sub)
         if not os.path.isdir(folder):
             continue
-        for r in builder(folder):
+        found = builder(folder, mitdb_segment_s) if sub == "mitdb" else builder(folder)
+        for r in found:
             if prefix_folder:
                 r["record_id"] = f"{sub}/{r['record_id']}"
             rows.append(r)
@@ -189,8 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="../shared/data")
     ap.add_argument("--output", required=True)
     ap.add_argument("--prefix-folder", action="store_true")
+    ap.add_argument(
+        "--mitdb-segment-seconds",
+        type=float,
+        default=SEGMENT_S,
+        help="MIT-BIH label segments (e.g. 30 for 30 s Holter windows)",
+    )
     args = ap.parse_args(argv)
-    rows = build_labels(args.data, args.prefix_folder)
+    rows = build_labels(args.data, args.prefix_folder, args.mitdb_segment_seconds)
     write_labels(rows, args.output)
     counts: dict = {}
     for r in rows:

@@ -286,6 +286,155 @@ def _rhythm_stats(lrr: np.ndarray) -> np.ndarray:
     return out
 
 
+# Rows of this many beats or more (and at most RHYTHM_BLOCK) share one padded computation
+# in `rr_features_many`; shorter and longer rows go through `rr_features` one by one.
+MANY_MIN_BEATS = 8
+HIST_EDGES = np.linspace(-0.8, 0.8, 17)  # np.histogram(bins=16, range=(-0.8, 0.8))'s edges
+
+
+def rr_features_many(peaks: list, fs: list) -> list[np.ndarray]:
+    """`rr_features` of many rows at once: the same numbers (to float32 rounding; sums of
+    padded rows may round differently in the last bit of float64), with every NumPy call
+    shared by the rows of MANY_MIN_BEATS..RHYTHM_BLOCK beats, one block each.
+
+    Why: scoring makes the features of each batch of rows right before the model. Row by
+    row they cost ~0.5 ms for a 10 s record, nearly all of it NumPy's per-call overhead
+    on 13-beat arrays, more than the model's forward pass; shared by a batch of 64 rows
+    they cost a few percent of that (`benchmarks/bench_score.py`).
+    """
+    out: list = [None] * len(peaks)
+    many = []
+    for i, (r, f) in enumerate(zip(peaks, fs, strict=True)):
+        if f and MANY_MIN_BEATS <= len(r) <= RHYTHM_BLOCK:
+            many.append(i)
+        else:
+            out[i] = rr_features(r, f)
+    if many:
+        feats = _rr_features_padded(
+            [np.asarray(peaks[i], dtype=np.float64) for i in many], [float(fs[i]) for i in many]
+        )
+        for i, f in zip(many, feats, strict=True):
+            out[i] = f
+    return out
+
+
+def _row_median(v: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Median of the first `count[b]` values of each row of v (NaN after them), as
+    np.median computes it: the middle value, or the mean of the two middle values."""
+    s = np.sort(v, axis=1)  # NaN last
+    rows = np.arange(v.shape[0])
+    hi = s[rows, count // 2]
+    lo = s[rows, np.maximum(count // 2 - 1, 0)]
+    return np.where(count % 2 == 1, hi, (lo + hi) / 2.0)
+
+
+def _window_sums(series: np.ndarray, half: int) -> np.ndarray:
+    """`_window_sum` along the last axis of (..., T) zero-padded series: padding adds 0, so
+    each row's sums match its own unpadded `_window_sum` exactly."""
+    t = series.shape[-1]
+    c = np.zeros(series.shape[:-1] + (t + 1,))
+    np.cumsum(series, axis=-1, out=c[..., 1:])
+    i = np.arange(t)
+    return c[..., np.minimum(i + half + 1, t)] - c[..., np.maximum(i - half, 0)]
+
+
+def _sample_entropy_rows(x: np.ndarray, valid: np.ndarray, r: float) -> np.ndarray:
+    """`_sample_entropy(row, r)` (m = 1) of each row's valid prefix, (B,) float64."""
+    n = valid.sum(axis=1)
+    close = np.abs(x[:, :, None] - x[:, None, :]) <= r  # NaN padding is never close
+    head = valid[:, :-1] & valid[:, 1:]  # templates x[i], x[i + 1] both inside the row
+    pair = head[:, :, None] & head[:, None, :]
+    b = (close[:, :-1, :-1] & pair).sum(axis=(1, 2)) - (n - 1)
+    a = (close[:, :-1, :-1] & close[:, 1:, 1:] & pair).sum(axis=(1, 2)) - (n - 1)
+    return -np.log((a + 1.0) / (b + 1.0))
+
+
+def _rr_features_padded(rs: list[np.ndarray], fs: list[float]) -> list[np.ndarray]:
+    """`rr_features` of rows of MANY_MIN_BEATS..RHYTHM_BLOCK beats, on one padded array."""
+    nb = len(rs)
+    t = np.array([r.size for r in rs])
+    width = int(t.max())
+    peaks = np.zeros((nb, width))
+    for k, r in enumerate(rs):
+        peaks[k, : r.size] = r
+        peaks[k, r.size :] = r[-1]
+    n = t - 1  # intervals per row
+    iv = np.arange(width - 1)[None, :] < n[:, None]  # valid intervals
+    lrr = np.where(
+        iv, np.log(np.clip(np.diff(peaks, axis=1) / np.array(fs)[:, None], 0.15, 3.0)), np.nan
+    )
+    med = _row_median(lrr, n)
+    d = np.diff(lrr, axis=1)  # successive log ratios, valid where j < n - 1
+    dv = np.arange(width - 2)[None, :] < (n - 1)[:, None]
+    a = np.where(dv, np.abs(d), 0.0)
+    out = np.zeros((nb, width, N_RR_FEATURES), dtype=np.float32)
+    dev = lrr - med[:, None]
+    out[:, 1:, 0] = np.where(iv, dev, 0.0)
+    out[:, :-1, 1] = np.where(iv, dev, 0.0)
+    out[:, 1:-1, 2] = np.where(dv, d, 0.0)
+    # per beat: |ratio|, valid, changes > 10% and > 4% (0 at the ends, as in rr_features)
+    series = np.zeros((4, nb, width))
+    series[0, :, 1:-1] = a
+    series[1, :, 1:-1] = dv
+    series[2, :, 1:-1] = (a > 0.1) & dv
+    series[3, :, 1:-1] = (a > 0.04) & dv
+    w = _window_sums(series, 4)
+    den = np.maximum(w[1], 1.0)
+    out[:, :, 3] = w[0] / den * 4.0
+    out[:, :, 4] = (_row_median(np.where(dv, a, np.nan), n - 1) * 4.0)[:, None]
+    out[:, :, 5] = med[:, None]
+    out[:, :, 6] = w[2] / den
+    out[:, :, 7] = (series[2].sum(axis=1) / np.maximum(series[1].sum(axis=1), 1.0))[:, None]
+    out[:, :, 21] = w[3] / den
+    out[:, :, 8:21] = _rhythm_stats_rows(lrr, iv, d, dv, a, med, n)[:, None, :]
+    return [out[k, : t[k]] for k in range(nb)]
+
+
+def _rhythm_stats_rows(lrr, iv, d, dv, a, med, n) -> np.ndarray:
+    """`_rhythm_stats` of each row's whole run of log RR intervals (rows of >= 7), (B, 13)."""
+    nd = n - 1
+    out = np.zeros((lrr.shape[0], 13))
+    for i, thr in enumerate((0.02, 0.04, 0.06, 0.2)):
+        out[:, i] = ((a > thr) & dv).sum(axis=1) / nd
+    rr = np.exp(lrr)
+    se = _sample_entropy_rows(rr, iv, 0.03)
+    out[:, 4] = (se + np.log(0.06) - np.log(np.where(iv, rr, 0.0).sum(axis=1) / n) + 1.0) / 2.0
+    out[:, 5] = _sample_entropy_rows(lrr, iv, 0.05) / 2.0
+    pair = (d[:, :-1] < -0.15) & (d[:, 1:] > 0.1) & dv[:, 1:]
+    ect = np.zeros(d.shape, dtype=bool)
+    ect[:, :-1] |= pair
+    ect[:, 1:] |= pair
+    regular = dv & ~ect
+    kept = regular.sum(axis=1)
+    out[:, 6] = np.where(kept > 0, ((a > 0.06) & regular).sum(axis=1) / np.maximum(kept, 1), 0.0)
+    out[:, 7] = (ect & dv).sum(axis=1) / nd * 2.0
+    dev = np.abs(lrr - med[:, None])
+    out[:, 8] = ((dev < 0.05) & iv).sum(axis=1) / n
+    out[:, 9] = ((dev < 0.1) & iv).sum(axis=1) / n
+    out[:, 10] = _histogram_entropy_rows(lrr - med[:, None], iv)
+    turns = ((d[:, 1:] * d[:, :-1]) < 0) & dv[:, 1:]
+    out[:, 11] = turns.sum(axis=1) / (nd - 1)
+    out[:, 12] = _row_median(np.where(iv, dev, np.nan), n) * 4.0
+    return out
+
+
+def _histogram_entropy_rows(x: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Normalised entropy of each row's np.histogram(bins=16, range=(-0.8, 0.8)), with the
+    bin of each value found as np.histogram's equal-bin path finds it."""
+    first, last, bins = HIST_EDGES[0], HIST_EDGES[-1], HIST_EDGES.size - 1
+    keep = valid & (x >= first) & (x <= last)
+    rows = np.broadcast_to(np.arange(x.shape[0])[:, None], x.shape)[keep]
+    v = x[keep]
+    idx = ((v - first) / (last - first) * bins).astype(np.intp)
+    idx[idx == bins] -= 1
+    idx[v < HIST_EDGES[idx]] -= 1
+    idx[(v >= HIST_EDGES[idx + 1]) & (idx != bins - 1)] += 1
+    h = np.bincount(rows * bins + idx, minlength=x.shape[0] * bins).reshape(-1, bins)
+    p = h / np.maximum(h.sum(axis=1, keepdims=True), 1)
+    plogp = np.where(h > 0, p * np.log(np.where(h > 0, p, 1.0)), 0.0)
+    return -plogp.sum(axis=1) / np.log(16)
+
+
 def _window_sum(x: np.ndarray, half: int) -> np.ndarray:
     """Sum of x over [i - half, i + half] (clipped at the ends), same length as x."""
     c = np.concatenate([[0.0], np.cumsum(x)])
@@ -293,12 +442,16 @@ def _window_sum(x: np.ndarray, half: int) -> np.ndarray:
     return c[np.minimum(i + half + 1, x.size)] - c[np.maximum(i - half, 0)]
 
 
-def row_to_example(row: dict, max_beats: int = MAX_BEATS) -> dict[str, torch.Tensor]:
+def row_to_example(
+    row: dict, max_beats: int = MAX_BEATS, rr: bool = True
+) -> dict[str, torch.Tensor]:
     """One token row -> the tensors the model reads (long records keep their first beats).
 
     Keys: `words` (L, T), `rhythm` (T,), `leads` (L,), `atrial` (L, T) when the row has
-    atrial words, `rr` (T, N_RR_FEATURES) when the row has `r_peaks` and `fs`, and `tokenizer` (a number from the row's `tokenizer_id`, which
-    the model handler checks against the model's tokenizer).
+    atrial words, `rr` (T, N_RR_FEATURES) when the row has `r_peaks` and `fs`, and
+    `tokenizer` (a number from the row's `tokenizer_id`, which the model handler checks
+    against the model's tokenizer). With `rr=False` the example carries the row's
+    `rr_peaks` and `rr_fs` instead, and `with_rr_features` makes `rr` for a whole batch.
     """
     from ecgtok.transforms.leads import lead_index
 
@@ -317,10 +470,34 @@ def row_to_example(row: dict, max_beats: int = MAX_BEATS) -> dict[str, torch.Ten
         atrial = np.asarray(row["atrial_tokens"], dtype=np.int64).reshape(tokens.shape[0], -1)
         ex["atrial"] = torch.from_numpy(atrial[:, :max_beats])
     if row.get("r_peaks") is not None and row.get("fs"):
-        ex["rr"] = torch.from_numpy(rr_features(row["r_peaks"], row["fs"])[:max_beats])
+        if rr:
+            ex["rr"] = torch.from_numpy(rr_features(row["r_peaks"], row["fs"])[:max_beats])
+        else:  # the whole row's peaks: its RR features read all of them
+            ex[RR_PEAKS] = torch.as_tensor(np.asarray(row["r_peaks"], dtype=np.int64))
+            ex[RR_FS] = torch.tensor(float(row["fs"]), dtype=torch.float64)
     if row.get("tokenizer_id"):
         ex["tokenizer"] = torch.tensor(tokenizer_number(row["tokenizer_id"]))
     return ex
+
+
+RR_PEAKS, RR_FS = "rr_peaks", "rr_fs"  # see row_to_example(rr=False)
+
+
+def with_rr_features(examples: list[dict]) -> list[dict]:
+    """The examples, each with `rr` made from its `rr_peaks` and `rr_fs` (new dicts; the
+    inputs are left as they are). One `rr_features_many` call serves the whole batch."""
+    todo = [i for i, e in enumerate(examples) if "rr" not in e and RR_PEAKS in e]
+    if not todo:
+        return examples
+    feats = rr_features_many(
+        [examples[i][RR_PEAKS].numpy() for i in todo], [float(examples[i][RR_FS]) for i in todo]
+    )
+    out = list(examples)
+    for i, f in zip(todo, feats, strict=True):
+        ex = {k: v for k, v in examples[i].items() if k not in (RR_PEAKS, RR_FS)}
+        ex["rr"] = torch.from_numpy(f[: ex["rhythm"].shape[0]])
+        out[i] = ex
+    return out
 
 
 def tokenizer_number(tokenizer_id: str) -> int:

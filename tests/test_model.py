@@ -146,6 +146,39 @@ def test_predict_gives_no_rhythm_score_to_rows_without_beats_and_evaluate_ranks_
     assert never_flagged(out["p_af"]).tolist() == [out["p_af"][0], 0.0]
 
 
+def test_rr_features_of_a_batch_are_those_of_each_row():
+    """rr_features_many (padded, shared NumPy calls) against rr_features row by row, on
+    real CinC 2017 token rows (9-61 s) and on edge cases: ties, constant rhythm, 1 to 140
+    beats (both sides of the batched range)."""
+    from ecgtok.models.model import RR_FS, RR_PEAKS, rr_features_many, with_rr_features
+    from ecgtok.transforms.record_tokens import tokenize_record
+
+    tok = Tokenizer.load(default_tokenizer_dir())
+    with open(data_path("cinc2017_af", "REFERENCE.csv")) as f:
+        ids = [rec for rec, _ in csv.reader(f)][:40]
+    rows = [
+        r for rid in ids for r in tokenize_record(data_path("cinc2017_af", rid + ".hea"), rid, tok)
+    ]
+    rng = np.random.default_rng(3)
+    peaks, fs = [r["r_peaks"] for r in rows], [r["fs"] for r in rows]
+    for t in list(range(1, 12)) + [127, 128, 129, 140]:
+        rr = rng.choice([0.5, 0.8, 0.8, 1.0], size=max(t - 1, 0)) * (
+            1 + rng.choice([0, 0.3], size=max(t - 1, 0))
+        )
+        peaks.append(np.concatenate([[0], np.cumsum(rr * 360.0)]).astype(int).tolist())
+        fs.append(360.0)
+    peaks.append([0, 300, 600, 900, 1200, 1500, 1800, 2100, 2400])  # strictly regular
+    fs.append(300.0)
+    many = rr_features_many(peaks, fs)
+    for p, f, got in zip(peaks, fs, many, strict=True):
+        np.testing.assert_array_equal(got, rr_features(p, f))
+    # and through examples, as the model handler makes them
+    exs = with_rr_features([row_to_example(r, rr=False) for r in rows[:8]])
+    for r, ex in zip(rows[:8], exs, strict=True):
+        assert RR_PEAKS not in ex and RR_FS not in ex
+        torch.testing.assert_close(ex["rr"], row_to_example(r)["rr"])
+
+
 def test_padding_does_not_change_a_records_scores():
     model, _ = _tiny_model()
     model.eval()
@@ -330,7 +363,8 @@ def test_run_inference_through_the_handler_matches_plain_torch():
     with beam.Pipeline() as p:
         out = (
             p
-            | beam.Create([(r["record_id"], row_to_example(r)) for r in rows])
+            # as ScoreRecords makes them: RR features made by the handler, per batch
+            | beam.Create([(r["record_id"], row_to_example(r, rr=False)) for r in rows])
             | RunInference(handler)
         )
         assert_that(out, check)

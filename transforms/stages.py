@@ -253,7 +253,9 @@ class ScoreRecords(beam.PTransform):
         return (
             rows
             | "ToExamples"
-            >> beam.Map(lambda r: (_score_key(r, extra), mark_for_burden(row_to_example(r), r)))
+            >> beam.Map(
+                lambda r: (_score_key(r, extra), mark_for_burden(row_to_example(r, rr=False), r))
+            )
             | "RunInference" >> RunInference(handler)
             | "ToScoreRows" >> beam.Map(_to_score_row, extra)
         )
