@@ -102,6 +102,18 @@ def test_flat_and_nan_give_no_beats():
     assert detect_r_peaks(np.full(5000, np.nan), 500).size == 0
 
 
+def test_detection_leaves_the_callers_signal_as_it_was():
+    """NaN samples are read as flat, but the caller's array keeps them (the beat quality
+    flags and the tokenizer read the same array after the detector)."""
+    rng = np.random.default_rng(4)
+    for shape in ((5000,), (5000, 1), (5000, 3)):
+        x = rng.normal(0, 0.1, shape).astype(np.float32)
+        x[100:200] = np.nan
+        before = x.copy()
+        detect_r_peaks(x, 500)
+        np.testing.assert_array_equal(x, before)  # NaN == NaN for this check
+
+
 @pytest.mark.parametrize("sd", [0.01, 0.1, 1.0])
 def test_noise_only_gives_almost_no_beats(sd):
     rng = np.random.default_rng(1)

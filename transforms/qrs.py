@@ -605,7 +605,9 @@ def _leads_first(x: np.ndarray) -> np.ndarray:
     xt = np.ascontiguousarray(x.T, dtype=np.float32)
     finite = np.isfinite(xt)
     if not finite.all():  # NaN/inf are rare
-        xt[~finite] = 0.0
+        # A single float32 lead's transpose is a view of the caller's array: never write
+        # into it (beat quality and the tokenizer must still see the NaN).
+        xt = np.where(finite, xt, np.float32(0.0))
     return xt
 
 
