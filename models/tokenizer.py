@@ -233,14 +233,19 @@ class Tokenizer:
         atrial = self.encode_atrial(atrial_windows(clean, r100), noisy) if has_atrial else None
         return words, self.rhythm_words(r_peaks, fs), atrial
 
+    def assign_atrial(self, windows: np.ndarray) -> np.ndarray:
+        """Nearest atrial codebook entry for each row of `windows` (N, ATRIAL_LEN)."""
+        if windows.shape[0] == 0:
+            return np.zeros(0, dtype=np.int64)
+        codebook_t, half_norm = self._atrial_search_arrays()
+        scores = np.asarray(windows, dtype=np.float32) @ codebook_t
+        scores -= half_norm  # nearest word: argmax x.c - |c|^2 / 2, as in `assign`
+        return np.argmax(scores, axis=1).astype(np.int64)
+
     def encode_atrial(self, windows: np.ndarray, noisy: np.ndarray | None = None) -> np.ndarray:
         """Atrial word ids (leads, beats) for atrial windows (beats, leads, ATRIAL_LEN)."""
         n_beats, n_leads, length = windows.shape
-        codebook_t, half_norm = self._atrial_search_arrays()
-        x = np.asarray(windows, dtype=np.float32).reshape(-1, length)
-        scores = x @ codebook_t  # nearest word: argmax x.c - |c|^2 / 2, as in `assign`
-        scores -= half_norm
-        codes = np.argmax(scores, axis=1).reshape(n_beats, n_leads)
+        codes = self.assign_atrial(windows.reshape(-1, length)).reshape(n_beats, n_leads)
         words = (codes + self.atrial_offset).T.copy()
         if noisy is not None and noisy.size:
             words[:, np.asarray(noisy, dtype=bool)] = UNK

@@ -222,7 +222,6 @@ def _portable(path: str) -> str:
 def record_fidelity(ref, tokenizer_dir: str, per_record: int, seed: int):
     """Per-beat Pearson r, PRD, assigned code and RR check of one record (None if unread)."""
     from ecgtok.models.tokenizer import Tokenizer as Tok
-    from ecgtok.models.tokenizer import pearson_r
     from ecgtok.transforms.errors import RecordError
     from ecgtok.transforms.record_tokens import find_beats
     from ecgtok.transforms.wfdb_reader import read_record
@@ -233,20 +232,24 @@ def record_fidelity(ref, tokenizer_dir: str, per_record: int, seed: int):
         r_peaks, _flags = find_beats(rec)
     except RecordError:
         return None
-    wins = tok.beat_windows(rec.signal, rec.fs, r_peaks)
+    wins, atrial = sample_windows(rec.signal, rec.fs, r_peaks, tok.view)
     x = wins.reshape(-1, wins.shape[-1])
+    a = atrial.reshape(-1, atrial.shape[-1])  # the same (beat, lead) order as x
     if per_record and x.shape[0] > per_record:
         pri = np.array(
             [_priority(seed, ref.record_id, i, 0) for i in range(x.shape[0])], dtype=np.uint64
         )
-        x = x[np.sort(np.argsort(pri, kind="stable")[:per_record])]
+        keep = np.sort(np.argsort(pri, kind="stable")[:per_record])
+        x, a = x[keep], a[keep]
     # Every beat, noisy ones included, is scored against its nearest word.
     codes = tok.assign(x)
-    dec = tok.decode(codes + tok.morph_offset)
-    r = pearson_r(x, dec)
-    energy = np.sqrt((x.astype(np.float64) ** 2).sum(axis=1))
-    err = np.sqrt(((x.astype(np.float64) - dec) ** 2).sum(axis=1))
-    prd = np.where(energy > 0, 100.0 * err / np.maximum(energy, 1e-12), np.nan)
+    r, prd = _reconstruction(x, tok.decode(codes + tok.morph_offset))
+    out_atrial = {}
+    if tok.atrial_size:
+        a = a[np.abs(a).sum(axis=1) > 0]  # windows left wholly masked have no shape
+        a_codes = tok.assign_atrial(a)
+        a_r, a_prd = _reconstruction(a, tok.decode_atrial(a_codes + tok.atrial_offset))
+        out_atrial = {"atrial_r": a_r, "atrial_prd": a_prd, "atrial_codes": a_codes}
     # Rhythm: the RR each rhythm word stands for (its bin's geometric centre) vs the true RR.
     rr_err = np.zeros(0)
     if r_peaks.size > 1:
@@ -259,7 +262,18 @@ def record_fidelity(ref, tokenizer_dir: str, per_record: int, seed: int):
         "codes": codes.astype(np.int32),
         "rr_err": rr_err.astype(np.float32),
         "rr": (np.diff(r_peaks) / rec.fs).astype(np.float32) if r_peaks.size > 1 else rr_err,
+        **out_atrial,
     }
+
+
+def _reconstruction(x: np.ndarray, decoded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row Pearson r and PRD (%) between windows and their words' centroids."""
+    from ecgtok.models.tokenizer import pearson_r
+
+    energy = np.sqrt((x.astype(np.float64) ** 2).sum(axis=1))
+    err = np.sqrt(((x.astype(np.float64) - decoded) ** 2).sum(axis=1))
+    prd = np.where(energy > 0, 100.0 * err / np.maximum(energy, 1e-12), np.nan)
+    return pearson_r(x, decoded), prd
 
 
 def rhythm_word_rr(words: np.ndarray) -> np.ndarray:
@@ -339,6 +353,26 @@ def fidelity(
         "rhythm_rr_rel_error_median": _round(np.median(rel)) if rel.size else None,
         "rhythm_rr_rel_error_p90": _round(np.percentile(rel, 90)) if rel.size else None,
         "rhythm_words_checked": int(rr.size),
+        **_atrial_fidelity(results, tok.atrial_size),
+    }
+
+
+def _atrial_fidelity(results: list[dict], size: int) -> dict:
+    """Atrial words' reconstruction figures (windows with something left unmasked)."""
+    if not size:
+        return {}
+    r = np.concatenate([x["atrial_r"] for x in results])
+    prd = np.concatenate([x["atrial_prd"] for x in results])
+    counts = np.bincount(np.concatenate([x["atrial_codes"] for x in results]), minlength=size)
+    p = counts[counts > 0] / max(1, counts.sum())
+    return {
+        "atrial_codebook_size": int(size),
+        "atrial_windows": int(r.size),
+        "atrial_median_r": _round(np.nanmedian(r)) if r.size else None,
+        "atrial_p10_r": _round(np.nanpercentile(r, 10)) if r.size else None,
+        "atrial_prd_median": _round(np.nanmedian(prd), 2) if r.size else None,
+        "atrial_codes_used_fraction": _round((counts > 0).mean()),
+        "atrial_perplexity": _round(float(np.exp(-(p * np.log(p)).sum())), 1),
     }
 
 
@@ -548,6 +582,48 @@ def finetune(
     lr=5e-4,
     max_beats: int = 48,
     min_beats: int = 8,
+    soup: int = 1,
+):
+    """Fine-tune `model` on labelled rows (`finetune_once`); with `soup` > 1, that many
+    times from the same start with seeds seed, seed + 1, ..., and the weights averaged
+    (a uniform "model soup", Wortsman et al. 2022): about what an ensemble of the runs
+    would score, at the cost of one model when scoring."""
+    import copy
+
+    if soup <= 1:
+        return finetune_once(model, pairs, heads, epochs, seed, log, lr, max_beats, min_beats)
+    states = []
+    for k in range(soup):
+        log(f"soup: fine-tuning run {k + 1}/{soup} (seed {seed + k})")
+        run = finetune_once(
+            copy.deepcopy(model), pairs, heads, epochs, seed + k, log, lr, max_beats, min_beats
+        )
+        states.append(run.state_dict())
+    model.load_state_dict(average_states(states))
+    return model
+
+
+def average_states(states: list[dict]) -> dict:
+    """The element-wise mean of state dicts of one architecture (integer buffers: the first)."""
+    out = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            out[key] = sum(s[key] for s in states) / len(states)
+        else:
+            out[key] = first
+    return out
+
+
+def finetune_once(
+    model,
+    pairs: list[tuple[dict, dict]],
+    heads,
+    epochs: int,
+    seed: int,
+    log=print,
+    lr=5e-4,
+    max_beats: int = 48,
+    min_beats: int = 8,
 ):
     """Fit the task heads and the encoder on labelled rows; missing labels are masked.
 
@@ -681,11 +757,20 @@ def _add_finetune_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--min-crop", type=int, default=8, help="shortest training crop")
     ap.add_argument("--pool", choices=("mean", "meanmax"), default=None, help="see pretrain")
     ap.add_argument("--rr-head", type=int, default=None, help="see pretrain")
+    ap.add_argument(
+        "--soup", type=int, default=1, help="fine-tune this many times and average the weights"
+    )
 
 
 def _finetune_options(args) -> dict:
     """finetune()'s keyword options from the finetune/evaluate command line."""
-    return {"log": _err, "lr": args.lr, "max_beats": args.crop_beats, "min_beats": args.min_crop}
+    return {
+        "log": _err,
+        "lr": args.lr,
+        "max_beats": args.crop_beats,
+        "min_beats": args.min_crop,
+        "soup": args.soup,
+    }
 
 
 def word_shapes(tok) -> np.ndarray:
@@ -810,6 +895,7 @@ def finetune_main(argv: list[str]) -> int:
             "crop_beats": args.crop_beats,
             "min_crop": args.min_crop,
             "seed": args.seed,
+            "soup": args.soup,
         },
     )
     print(json.dumps({"model_id": save_model(model, config, args.output), "rows": len(pairs)}))

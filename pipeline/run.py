@@ -237,6 +237,39 @@ def _sum_counters(results) -> dict[str, int]:
     return total
 
 
+# RunInference's own metrics (EcgModelHandler.get_metrics_namespace): inference counts,
+# batch sizes and latencies, model load time. Dataflow and Flink show them in their UI;
+# local runs get them in summary.json.
+INFERENCE_NAMESPACE = "ecgtok_score"
+
+
+def _inference_metrics(results) -> dict:
+    """{name: count} for RunInference's counters and {name: {count, mean, min, max}} for
+    its distributions, over all chunks' results."""
+    counters: dict[str, int] = {}
+    dists: dict[str, list] = {}
+    for r in results:
+        try:
+            found = r.metrics().query(MetricsFilter().with_namespace(INFERENCE_NAMESPACE))
+        except Exception:  # some runners report no metrics
+            continue
+        for c in found["counters"]:
+            value = c.committed if c.committed is not None else c.attempted
+            counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(value or 0)
+        for d in found["distributions"]:
+            v = d.committed if d.committed is not None else d.attempted
+            if v is None or not v.count:
+                continue
+            acc = dists.setdefault(d.key.metric.name, [0, 0, v.min, v.max])
+            acc[0] += v.count
+            acc[1] += v.sum
+            acc[2], acc[3] = min(acc[2], v.min), max(acc[3], v.max)
+    out: dict = dict(sorted(counters.items()))
+    for name, (count, total, lo, hi) in sorted(dists.items()):
+        out[name] = {"count": count, "mean": round(total / count, 3), "min": lo, "max": hi}
+    return out
+
+
 def _chunk_size(options: PipelineOptions, opts: EcgtokOptions, mode: str, test_pipeline) -> int:
     """Records per resumable chunk; 0 runs one job (distributed runners, scoring)."""
     if test_pipeline is not None or mode == SCORE or not is_local_default(options):
@@ -305,5 +338,7 @@ def run_job(argv: list[str], mode: str = RUN, test_pipeline=None) -> JobOutcome:
             **extra_counts,
         },
     )
+    if mode in (SCORE, RUN):
+        summary["inference_metrics"] = _inference_metrics(results)
     outputs.write_json(outputs.join(final_dst, outputs.SUMMARY), summary)
     return JobOutcome(results[-1] if results else None, summary)

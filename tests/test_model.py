@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import os
@@ -177,6 +178,22 @@ def test_rr_features_of_a_batch_are_those_of_each_row():
     for r, ex in zip(rows[:8], exs, strict=True):
         assert RR_PEAKS not in ex and RR_FS not in ex
         torch.testing.assert_close(ex["rr"], row_to_example(r)["rr"])
+
+
+def test_a_soup_is_the_mean_of_its_fine_tuned_runs():
+    from ecgtok.models.train import average_states, finetune, finetune_once
+
+    model, _ = _tiny_model()
+    rng = np.random.default_rng(5)
+    pairs = [(_row(12, rr_s=0.5 + rng.random()), {"p_af": float(i % 2)}) for i in range(16)]
+    quiet = {"log": lambda *_: None, "max_beats": 12, "min_beats": 8}
+    runs = [finetune_once(copy.deepcopy(model), pairs, HEADS, 3, s, **quiet) for s in (7, 8)]
+    soup = finetune(copy.deepcopy(model), pairs, HEADS, 3, 7, soup=2, **quiet)
+    want = average_states([r.state_dict() for r in runs])
+    for key, value in soup.state_dict().items():
+        torch.testing.assert_close(value, want[key])
+    a, b = (r.state_dict()["task.weight"] for r in runs)
+    assert not torch.equal(a, b)  # two seeds, two different runs
 
 
 def test_padding_does_not_change_a_records_scores():

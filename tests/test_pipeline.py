@@ -95,6 +95,11 @@ def test_run_writes_tokens_and_scores_for_all_cinc2021_records(tmp_path, capsys)
     assert summary["discovered"] == summary["tokenized"] == summary["scored"] == 110
     assert summary["failed"] == 0
     assert summary["runner"].startswith("FnApiRunner")
+    # RunInference's own metrics: every row went through the model, in batches
+    inference = summary["inference_metrics"]
+    assert inference["num_inferences"] == 110
+    assert inference["inference_batch_latency_micro_secs"]["count"] >= 2
+    assert 1 <= inference["inference_request_batch_size"]["max"] <= 64
     # Metadata from the Challenge header comments lands in columns.
     e1 = next(r for r in tokens if r["record_id"] == "G12EC/E00001")
     assert e1["sex"] in ("F", "Female") and e1["dx"] == ["426783006"]
