@@ -417,6 +417,8 @@ ROW_COLUMNS = (
     "atrial_tokens",
     "rhythm",
     "tokenizer_id",
+    "age",
+    "sex",
 )
 
 
@@ -978,11 +980,14 @@ def _group_folds(keys: list[str], folds: int, seed: int) -> np.ndarray:
 
 
 def report(pairs, sources, preds: dict, baselines: dict, threshold: float | None) -> dict:
-    """Metrics per source and head, with the model-free RR baselines beside p_af."""
+    """Metrics per source and head, with the model-free RR baselines beside p_af; then per
+    subgroup of sex and age where the rows carry them (`subgroups`)."""
     out: dict = {}
     src = np.array(sources)
-    for name in sorted(set(sources)) + ["all"]:
-        m = np.ones(len(pairs), bool) if name == "all" else src == name
+    groups = {name: src == name for name in sorted(set(sources))}
+    groups["all"] = np.ones(len(pairs), bool)
+    groups.update(subgroups([r for r, _ in pairs]))
+    for name, m in groups.items():
         entry = {}
         for h, p in preds.items():
             y = np.array([pr[1].get(h, np.nan) for pr in pairs], dtype=np.float64)[m]
@@ -997,6 +1002,23 @@ def report(pairs, sources, preds: dict, baselines: dict, threshold: float | None
                 entry[f"baseline_{bname}"] = binary_metrics(y_af, score[m])
         out[name] = entry
     return out
+
+
+AGE_SPLIT = 65  # years: the usual line in AF epidemiology
+
+
+def subgroups(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Row masks by sex and by age (under / at least AGE_SPLIT), for the rows that carry
+    them (header comments or hospital exports); groups with no row are left out."""
+    sex = np.array([str(r.get("sex") or "").upper()[:1] for r in rows])
+    age = np.array([np.nan if r.get("age") is None else float(r["age"]) for r in rows])
+    masks = {
+        "sex=F": sex == "F",
+        "sex=M": sex == "M",
+        f"age<{AGE_SPLIT}": age < AGE_SPLIT,
+        f"age>={AGE_SPLIT}": age >= AGE_SPLIT,
+    }
+    return {name: m for name, m in masks.items() if m.any()}
 
 
 def evaluate_main(argv: list[str]) -> int:

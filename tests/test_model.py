@@ -196,6 +196,18 @@ def test_a_soup_is_the_mean_of_its_fine_tuned_runs():
     assert not torch.equal(a, b)  # two seeds, two different runs
 
 
+def test_evaluation_subgroups_by_sex_and_age_where_known():
+    from ecgtok.models.train import subgroups
+
+    rows = [{"sex": "Female", "age": 70.0}, {"sex": "M", "age": 40.0}, {"sex": None, "age": None}]
+    g = subgroups(rows)
+    assert g["sex=F"].tolist() == [True, False, False]
+    assert g["sex=M"].tolist() == [False, True, False]
+    assert g["age>=65"].tolist() == [True, False, False]
+    assert g["age<65"].tolist() == [False, True, False]
+    assert subgroups([{"sex": None, "age": None}]) == {}  # nothing known: no groups
+
+
 def test_padding_does_not_change_a_records_scores():
     model, _ = _tiny_model()
     model.eval()
