@@ -122,3 +122,23 @@ def test_sinus_records_show_a_p_wave_that_af_records_lack():
     af = [_template_peak(p) for p in _cinc2017("A", 25)]
     assert np.median(normal) > 1.5 * np.median(af)
     assert np.mean(np.array(normal)[:, None] > np.array(af)[None, :]) > 0.75
+
+
+def test_shipped_tokenizer_writes_an_atrial_word_for_every_beat_of_every_lead():
+    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.transforms.record_tokens import tokenize_record
+
+    tok = Tokenizer.load(default_tokenizer_dir())
+    assert tok.atrial_size > 0
+    path = data_path("cinc2021_12lead", "G12EC", "E00001.hea")
+    (row,) = tokenize_record(path, "E00001", tok)
+    atrial = np.asarray(row["atrial_tokens"])
+    assert atrial.shape == np.asarray(row["tokens"]).shape == (12, len(row["r_peaks"]))
+    ok = ((atrial >= tok.atrial_offset) & (atrial < tok.vocab_size)) | (atrial == T.UNK)
+    assert ok.all()
+    # the sentence holds each beat's atrial word right before its morphology word
+    sentence = np.asarray(row["sentence"])
+    n = len(row["r_peaks"])
+    lead0 = sentence[n + 2 : n + 2 + 2 * n]
+    assert lead0[0::2].tolist() == atrial[0].tolist()
+    assert lead0[1::2].tolist() == row["tokens"][0]

@@ -347,6 +347,18 @@ def test_shipped_model_matches_shipped_tokenizer():
     assert 0 < cfg["p_af_threshold"] < 1
 
 
+def test_shipped_cards_name_the_shipped_artifacts():
+    """The cards describe the files beside them: a refit that forgets its card fails here."""
+    _, cfg = load_model(default_model_dir())
+    with open(os.path.join(default_model_dir(), "CARD.md")) as f:
+        card = f.read()
+    assert cfg["model_id"] in card.splitlines()[0]
+    assert cfg["tokenizer_id"] in card
+    assert f"{cfg['p_af_threshold']}" in card
+    with open(os.path.join(default_tokenizer_dir(), "CARD.md")) as f:
+        assert cfg["tokenizer_id"] in f.read()
+
+
 def test_shipped_model_scores_af_above_normal_on_unseen_records():
     """CinC 2017 records of the test split (never fine-tuned on): AF scores above normal."""
     from sklearn.metrics import roc_auc_score

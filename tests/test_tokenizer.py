@@ -279,6 +279,10 @@ def test_fidelity_prints_one_json_object(tmp_path, capsys):
     assert res["p10_r"] <= res["median_r"]
     assert 0 < res["codes_used_fraction"] <= 1
     assert res["rhythm_rr_rel_error_median"] < 0.1
+    # the shipped tokenizer's atrial words, scored on the same beats
+    assert res["atrial_codebook_size"] == Tokenizer.load(default_tokenizer_dir()).atrial_size > 0
+    assert res["atrial_windows"] > 100
+    assert 0.6 < res["atrial_median_r"] <= 1.0 and res["atrial_p10_r"] <= res["atrial_median_r"]
 
 
 def test_window_median_is_np_median_bit_for_bit():
