@@ -7,10 +7,9 @@ It is Beam's `PytorchModelHandlerKeyedTensor`, with two changes that the model n
 * `run_inference` makes the batch's RR features in one go (`with_rr_features`: row by row
   they cost more than the model), and pads each batch, because records have different
   numbers of leads and beats and Beam's default inference function stacks equal-shaped
-  tensors only; it adds
-  AF burden and episodes for long rows (`models.burden`, windows of 48 beats); and it
-  refuses (`ArtifactError`) examples made from another tokenizer's token rows, whose
-  word ids would mean nothing to this model.
+  tensors only; it adds AF burden and episodes for long rows (`models.burden`, windows of
+  48 beats); and it refuses (`ArtifactError`) examples made from another tokenizer's
+  token rows, whose word ids would mean nothing to this model.
 """
 
 from __future__ import annotations
@@ -67,12 +66,10 @@ class EcgModelHandler(PytorchModelHandlerKeyedTensor):
         batch = with_rr_features(list(batch))
         device = next(model.parameters()).device
         with torch.inference_mode():
-            inputs = {k: v.to(device) for k, v in collate(list(batch)).items()}
+            inputs = {k: v.to(device) for k, v in collate(batch).items()}
             out = model(**inputs)
         out = {k: v.float().cpu().numpy() for k, v in out.items()}
-        burden = burden_of_examples(
-            model, list(batch), getattr(model, "p_af_threshold", 0.5), device
-        )
+        burden = burden_of_examples(model, batch, getattr(model, "p_af_threshold", 0.5), device)
         for i, example in enumerate(batch):
             inference = {k: v[i] for k, v in out.items()}
             if i in burden:

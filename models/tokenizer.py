@@ -221,16 +221,13 @@ class Tokenizer:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(morphology words (leads, beats), rhythm words (beats,), atrial words (leads,
         beats), None for a tokenizer without atrial words) for one recording."""
-        clean = view_signal(signal, fs, self.view)
-        r100 = W.to_window_rate(r_peaks, fs)
-        wins = shape_windows(W.beat_windows(clean, r100), self.view)
-        n_beats, n_leads = wins.shape[0], clean.shape[1]
         has_atrial = self.atrial_codebook is not None
-        if n_beats == 0:
-            empty = np.zeros((n_leads, 0), dtype=np.int64)
+        wins, atrial_wins = view_windows(signal, fs, r_peaks, self.view, has_atrial)
+        if wins.shape[0] == 0:
+            empty = np.zeros((wins.shape[1], 0), dtype=np.int64)
             return empty, np.zeros(0, dtype=np.int64), empty.copy() if has_atrial else None
         words = self.encode_windows(wins, noisy)
-        atrial = self.encode_atrial(atrial_windows(clean, r100), noisy) if has_atrial else None
+        atrial = self.encode_atrial(atrial_wins, noisy) if has_atrial else None
         return words, self.rhythm_words(r_peaks, fs), atrial
 
     def assign_atrial(self, windows: np.ndarray) -> np.ndarray:
@@ -358,10 +355,18 @@ def beat_view(signal: np.ndarray, fs: float, r_peaks: np.ndarray, view: dict) ->
     `resample_first` (resample to 100 Hz, then band- and low-pass in one pass; the
     cheaper order, `windows.resample_then_filter`).
     """
+    return view_windows(signal, fs, r_peaks, view)[0]
 
+
+def view_windows(
+    signal: np.ndarray, fs: float, r_peaks: np.ndarray, view: dict, atrial: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(beat windows (beats, leads, 96) as `beat_view` makes them, atrial windows (beats,
+    leads, ATRIAL_LEN) of the same 100 Hz view, or None unless `atrial`)."""
     clean = view_signal(signal, fs, view)
-    wins = W.beat_windows(clean, W.to_window_rate(r_peaks, fs))
-    return shape_windows(wins, view)
+    r100 = W.to_window_rate(r_peaks, fs)
+    wins = shape_windows(W.beat_windows(clean, r100), view)
+    return wins, atrial_windows(clean, r100) if atrial else None
 
 
 def view_signal(signal: np.ndarray, fs: float, view: dict) -> np.ndarray:

@@ -32,6 +32,7 @@ from ecgtok.models.tokenizer import (
     fit_atrial_codebook,
     fit_codebook_in_subspace,
     tokenizer_meta,
+    view_windows,
 )
 
 
@@ -63,7 +64,9 @@ def beat_samples(ref, seed: int, per_record: int, holdout: float = 0.0, view: di
         return
     from ecgtok.transforms.beats import FLAG_NOISE_MASK
 
-    wins, atrial = sample_windows(rec.signal, rec.fs, r_peaks, view)
+    wins, atrial = view_windows(
+        rec.signal, rec.fs, r_peaks, DEFAULT_VIEW if view is None else view, atrial=True
+    )
     # One sample row per beat and lead: the beat window, then its atrial window.
     both = np.concatenate([wins, atrial], axis=2)
     items = []
@@ -75,19 +78,6 @@ def beat_samples(ref, seed: int, per_record: int, holdout: float = 0.0, view: di
             items.append((_priority(seed, ref.record_id, b, lead), both[b, lead].tobytes()))
     items.sort(key=lambda t: t[0])
     yield from items[:per_record]
-
-
-def sample_windows(signal, fs: float, r_peaks, view: dict | None = None):
-    """(beat windows (beats, leads, 96), atrial windows (beats, leads, ATRIAL_LEN)) of a
-    recording as a tokenizer of this `view` sees them."""
-    from ecgtok.models.tokenizer import shape_windows, view_signal
-    from ecgtok.transforms import windows as W
-    from ecgtok.transforms.atrial import atrial_windows
-
-    view = DEFAULT_VIEW if view is None else view
-    clean = view_signal(signal, fs, view)
-    r100 = W.to_window_rate(r_peaks, fs)
-    return shape_windows(W.beat_windows(clean, r100), view), atrial_windows(clean, r100)
 
 
 def sample_beats(
@@ -232,7 +222,7 @@ def record_fidelity(ref, tokenizer_dir: str, per_record: int, seed: int):
         r_peaks, _flags = find_beats(rec)
     except RecordError:
         return None
-    wins, atrial = sample_windows(rec.signal, rec.fs, r_peaks, tok.view)
+    wins, atrial = view_windows(rec.signal, rec.fs, r_peaks, tok.view, atrial=True)
     x = wins.reshape(-1, wins.shape[-1])
     a = atrial.reshape(-1, atrial.shape[-1])  # the same (beat, lead) order as x
     if per_record and x.shape[0] > per_record:
