@@ -58,7 +58,8 @@ class DiscoverRecords(beam.PTransform):
             return ref
 
         if self._refs is not None:  # already listed by the launcher (a chunk of a long run)
-            found = pbegin | "Records" >> beam.Create(self._refs)
+            # No reshuffle of Create's own: "Spread" below redistributes the records once.
+            found = pbegin | "Records" >> beam.Create(self._refs, reshuffle=False)
         else:
             found = (
                 pbegin
