@@ -570,26 +570,23 @@ def finetune(
     heads,
     epochs: int,
     seed: int,
-    log=print,
-    lr=5e-4,
-    max_beats: int = 48,
-    min_beats: int = 8,
     soup: int = 1,
+    log=print,
+    **options,
 ):
-    """Fine-tune `model` on labelled rows (`finetune_once`); with `soup` > 1, that many
-    times from the same start with seeds seed, seed + 1, ..., and the weights averaged
-    (a uniform "model soup", Wortsman et al. 2022): about what an ensemble of the runs
-    would score, at the cost of one model when scoring."""
+    """Fine-tune `model` on labelled rows (`finetune_once`, which takes `options`: lr,
+    max_beats, min_beats); with `soup` > 1, that many times from the same start with
+    seeds seed, seed + 1, ..., and the weights averaged (a uniform "model soup",
+    Wortsman et al. 2022): about what an ensemble of the runs would score, at the cost of
+    one model when scoring."""
     import copy
 
     if soup <= 1:
-        return finetune_once(model, pairs, heads, epochs, seed, log, lr, max_beats, min_beats)
+        return finetune_once(model, pairs, heads, epochs, seed, log, **options)
     states = []
     for k in range(soup):
         log(f"soup: fine-tuning run {k + 1}/{soup} (seed {seed + k})")
-        run = finetune_once(
-            copy.deepcopy(model), pairs, heads, epochs, seed + k, log, lr, max_beats, min_beats
-        )
+        run = finetune_once(copy.deepcopy(model), pairs, heads, epochs, seed + k, log, **options)
         states.append(run.state_dict())
     model.load_state_dict(average_states(states))
     return model

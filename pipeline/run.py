@@ -134,15 +134,24 @@ def _tokenizer_id_of_shards(pattern: str) -> str:
     return ""
 
 
-def _counters(result) -> dict[str, int]:
+def _metrics(result, namespace: str) -> dict[str, list]:
+    """The runner's metrics of one namespace ({"counters": [...], "distributions": [...],
+    ...}); empty lists where the runner reports none."""
     try:
-        found = result.metrics().query(MetricsFilter().with_namespace("ecgtok"))["counters"]
+        return result.metrics().query(MetricsFilter().with_namespace(namespace))
     except Exception:  # some runners report no metrics
-        return {}
+        return {"counters": [], "distributions": []}
+
+
+def _committed(metric):
+    """A metric's committed value, else its attempted one (runners fill one or both)."""
+    return metric.committed if metric.committed is not None else metric.attempted
+
+
+def _counters(result, namespace: str = "ecgtok") -> dict[str, int]:
     out: dict[str, int] = {}
-    for c in found:
-        value = c.committed if c.committed is not None else c.attempted
-        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(value or 0)
+    for c in _metrics(result, namespace)["counters"]:
+        out[c.key.metric.name] = out.get(c.key.metric.name, 0) + int(_committed(c) or 0)
     return out
 
 
@@ -229,10 +238,10 @@ def run(argv: list[str], mode: str = RUN, test_pipeline=None) -> beam.runners.ru
     return run_job(argv, mode, test_pipeline).result
 
 
-def _sum_counters(results) -> dict[str, int]:
+def _sum_counters(results, namespace: str = "ecgtok") -> dict[str, int]:
     total: dict[str, int] = {}
     for r in results:
-        for k, v in _counters(r).items():
+        for k, v in _counters(r, namespace).items():
             total[k] = total.get(k, 0) + v
     return total
 
@@ -246,25 +255,17 @@ INFERENCE_NAMESPACE = "ecgtok_score"
 def _inference_metrics(results) -> dict:
     """{name: count} for RunInference's counters and {name: {count, mean, min, max}} for
     its distributions, over all chunks' results."""
-    counters: dict[str, int] = {}
     dists: dict[str, list] = {}
     for r in results:
-        try:
-            found = r.metrics().query(MetricsFilter().with_namespace(INFERENCE_NAMESPACE))
-        except Exception:  # some runners report no metrics
-            continue
-        for c in found["counters"]:
-            value = c.committed if c.committed is not None else c.attempted
-            counters[c.key.metric.name] = counters.get(c.key.metric.name, 0) + int(value or 0)
-        for d in found["distributions"]:
-            v = d.committed if d.committed is not None else d.attempted
+        for d in _metrics(r, INFERENCE_NAMESPACE)["distributions"]:
+            v = _committed(d)
             if v is None or not v.count:
                 continue
             acc = dists.setdefault(d.key.metric.name, [0, 0, v.min, v.max])
             acc[0] += v.count
             acc[1] += v.sum
             acc[2], acc[3] = min(acc[2], v.min), max(acc[3], v.max)
-    out: dict = dict(sorted(counters.items()))
+    out: dict = dict(sorted(_sum_counters(results, INFERENCE_NAMESPACE).items()))
     for name, (count, total, lo, hi) in sorted(dists.items()):
         out[name] = {"count": count, "mean": round(total / count, 3), "min": lo, "max": hi}
     return out
