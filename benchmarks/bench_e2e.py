@@ -198,9 +198,11 @@ def run_baseline(folder: str, out_dir: str) -> dict:
     }
 
 
-def run_ecgtok(mode: str, src: str, dst: str, extra: list[str], n: int, samples: int) -> dict:
+def run_ecgtok(
+    mode: str, src: str, dst: str, extra: list[str], n: int, samples: int, env: dict | None = None
+) -> dict:
     cmd = [ECGTOK, mode, "--input", src, "--output", dst, "--overwrite", *extra]
-    res = run_measured(cmd, allow_fail=True)
+    res = run_measured(cmd, env=None if env is None else {**os.environ, **env}, allow_fail=True)
     if res["rc"] != 0:
         # Seen about once in ten runs: "terminate called without an active exception"
         # (SIGABRT) as the interpreter exits, after the outputs and summary are written.
@@ -234,7 +236,9 @@ DISCOVER = (
 
 def startup(records: str, work: str) -> None:
     """The fixed costs, each on its own: imports, a 1-record job with and without the
-    guard (the difference is the guarded child's start), and listing the archive."""
+    guard (the difference is the guarded child's start), the guarded job with its
+    children started only when the job needs them (ECGTOK_PRESTART=0: no head start
+    during the launcher's imports), and listing the archive."""
     first = header_paths(records)[0]
     one = os.path.join(work, "one_record")
     os.makedirs(one, exist_ok=True)
@@ -243,6 +247,9 @@ def startup(records: str, work: str) -> None:
     imp = run_measured([PY, "-c", "import ecgtok.pipeline.cli, ecgtok.pipeline.run"])
     g = run_ecgtok("tokenize", one, os.path.join(work, "one_g"), [], 1, 0)
     n = run_ecgtok("tokenize", one, os.path.join(work, "one_n"), ["--isolation", "none"], 1, 0)
+    late = run_ecgtok(
+        "tokenize", one, os.path.join(work, "one_l"), [], 1, 0, {"ECGTOK_PRESTART": "0"}
+    )
     d = run_measured([PY, "-c", DISCOVER, records])
     found, t_imp, t_list = d["out"].split()[-3:]
     rows = [
@@ -257,11 +264,16 @@ def startup(records: str, work: str) -> None:
             g["wall"],
             f"job {g['job_s']:.2f} s; the guarded children's start: {g['wall'] - n['wall']:+.2f} s",
         ),
+        (
+            "1-record tokenize, guarded, children not pre-started (ECGTOK_PRESTART=0)",
+            late["wall"],
+            f"job {late['job_s']:.2f} s",
+        ),
         (f"listing the archive: discover() over {found} records", float(t_list), ""),
     ]
     print("fixed start-up costs, wall s:")
     for label, v, note in rows:
-        print(f"  {label:<68}{v:7.2f}  {note}")
+        print(f"  {label:<74}{v:7.2f}  {note}")
     sys.stdout.flush()
 
 

@@ -10,17 +10,12 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-
-def default_tokenizer_dir() -> str:
-    from ecgtok.models import artifacts_dir
-
-    return os.path.join(artifacts_dir(), "tokenizer")
-
-
-def default_model_dir() -> str:
-    from ecgtok.models import artifacts_dir
-
-    return os.path.join(artifacts_dir(), "model")
+from ecgtok.pipeline.flags import (  # noqa: F401  (the defaults are used from here)
+    LOCAL_RUNNER_NAMES,
+    add_ecgtok_args,
+    default_model_dir,
+    default_tokenizer_dir,
+)
 
 
 class EcgtokOptions(PipelineOptions):
@@ -28,72 +23,11 @@ class EcgtokOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser) -> None:
-        parser.add_argument("--input", help="folder, glob, gs:// prefix or manifest .csv")
-        parser.add_argument("--output", help="output folder (local or gs://)")
-        parser.add_argument("--tokenizer", default=None, help="tokenizer artifact folder")
-        parser.add_argument("--model", default=None, help="model artifact folder")
-        parser.add_argument(
-            "--overwrite",
-            default=False,
-            action="store_true",
-            help="replace the outputs of an earlier run in --output",
-        )
-        parser.add_argument(
-            "--segment_seconds",
-            type=float,
-            default=300.0,
-            help="records longer than this get one token row per segment",
-        )
-        parser.add_argument(
-            "--device", default="auto", help="scoring device: auto (GPU when present), cpu, gpu"
-        )
-        parser.add_argument(
-            "--score_batch_size", type=int, default=64, help="records per inference batch"
-        )
-        parser.add_argument(
-            "--pseudonym_key_file",
-            default=None,
-            help="hospital exports: file (local or gs://) holding the key for patient "
-            "pseudonyms and hashed record ids; default $ECGTOK_PSEUDONYM_KEY",
-        )
-        parser.add_argument(
-            "--carry_identifiers",
-            default=False,
-            action="store_true",
-            help="hospital exports: keep names, MRNs, dates and file names (sites allowed them)",
-        )
-        parser.add_argument(
-            "--resume",
-            default=False,
-            action="store_true",
-            help="finish a killed local run in --output, skipping its completed chunks",
-        )
-        parser.add_argument(
-            "--chunk_records",
-            type=int,
-            default=None,
-            help="local runs: records per resumable chunk (default 20000; 0 = one job)",
-        )
-        parser.add_argument(
-            "--isolation",
-            choices=("process", "none"),
-            default="process",
-            help="process: each record in a guarded child process with the bounds below",
-        )
-        parser.add_argument(
-            "--record_timeout", type=float, default=300.0, help="seconds allowed per record"
-        )
-        parser.add_argument(
-            "--record_memory_mb", type=int, default=6144, help="address space allowed per record"
-        )
-
-
-# Runners that ecgtok maps onto the in-process FnApiRunner (Prism is opt-in by name).
-_LOCAL_RUNNER_NAMES = {None, "", "DirectRunner", "direct", "FnApiRunner"}
+        add_ecgtok_args(parser)
 
 
 def is_local_default(options: PipelineOptions) -> bool:
-    return options.view_as(StandardOptions).runner in _LOCAL_RUNNER_NAMES
+    return options.view_as(StandardOptions).runner in LOCAL_RUNNER_NAMES
 
 
 def local_runner(options: PipelineOptions):
