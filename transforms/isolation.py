@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import pickle
+import threading
 
 from ecgtok.transforms.errors import RecordError
 
@@ -41,8 +42,10 @@ STARTUP_TIMEOUT_S = 300.0
 PIPELINE_DEPTH = 32
 _TOKENIZER = None
 _POLICY = None
-# Children started ahead of need by `prestart`, by (tokenizer_dir, memory_mb, deid).
+# Children started ahead of need by `prestart`, by (tokenizer_dir, memory_mb, deid); Beam's
+# worker threads take them concurrently, under the lock.
 _PRESTARTED: dict[tuple, list[tuple]] = {}
+_PRESTARTED_LOCK = threading.Lock()
 
 
 def _init_child(memory_mb: int, tokenizer_dir: str, deid: tuple | None) -> None:
@@ -132,17 +135,19 @@ def prestart(tokenizer_dir: str, memory_mb: int, deid: tuple | None, count: int)
     rest are ended by `discard_prestarted` (or on their own when this process exits:
     their pipe closes).
     """
-    ready = _PRESTARTED.setdefault((tokenizer_dir, memory_mb, deid), [])
-    while len(ready) < count:
-        ready.append(_spawn_child(tokenizer_dir, memory_mb, deid, _tokenize_in_child))
+    with _PRESTARTED_LOCK:
+        ready = _PRESTARTED.setdefault((tokenizer_dir, memory_mb, deid), [])
+        while len(ready) < count:
+            ready.append(_spawn_child(tokenizer_dir, memory_mb, deid, _tokenize_in_child))
 
 
 def discard_prestarted() -> None:
     """End the pre-started children no GuardedTokenizer took."""
-    while _PRESTARTED:
-        _, ready = _PRESTARTED.popitem()
-        for proc, conn in ready:
-            _end(proc, conn)
+    with _PRESTARTED_LOCK:
+        left = [child for ready in _PRESTARTED.values() for child in ready]
+        _PRESTARTED.clear()
+    for proc, conn in left:
+        _end(proc, conn)
 
 
 def _end(proc, conn) -> None:
@@ -185,13 +190,16 @@ class GuardedTokenizer:
         """A pre-started child with this guard's settings (see `prestart`), or None."""
         if self._work is not _tokenize_in_child:
             return None
-        ready = _PRESTARTED.get((self._tokenizer_dir, self._memory_mb, self._deid))
-        while ready:
-            proc, conn = ready.pop()
+        key = (self._tokenizer_dir, self._memory_mb, self._deid)
+        while True:
+            with _PRESTARTED_LOCK:
+                ready = _PRESTARTED.get(key)
+                if not ready:
+                    return None
+                proc, conn = ready.pop()
             if proc.is_alive():
                 return proc, conn
-            _end(proc, conn)
-        return None
+            _end(proc, conn)  # it died waiting (killed, or failed to start): try the next
 
     def _answer(self, timeout_s: float, what: str):
         """The child's next answer, or a RecordError if it hangs or dies."""
