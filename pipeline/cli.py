@@ -76,7 +76,14 @@ def _prestart_children(command: str, argv: list[str]) -> None:
 def _run_job(command: str, argv: list[str]) -> int:
     from ecgtok.transforms.isolation import discard_prestarted
 
-    _prestart_children(command, argv)
+    try:
+        _prestart_children(command, argv)
+        return _run_started_job(command, argv)
+    finally:
+        discard_prestarted()
+
+
+def _run_started_job(command: str, argv: list[str]) -> int:
     from ecgtok.models.tokenizer import ArtifactError
     from ecgtok.pipeline.discovery import SourceError
     from ecgtok.pipeline.outputs import OutputError
@@ -92,8 +99,6 @@ def _run_job(command: str, argv: list[str]) -> int:
         return _fail(str(exc), EXIT_OUTPUT)
     except ArtifactError as exc:
         return _fail(str(exc), EXIT_ARTIFACT)
-    finally:
-        discard_prestarted()
     summary = outcome.summary
     if summary.get("template_location"):
         print(f"template staged at {summary['template_location']}; nothing was run")

@@ -92,14 +92,22 @@ class _Unparsable(Exception):
     pass
 
 
+_BUILD_ONLY = ("--dry_run", "--template_location")
+
+
 def local_guard_settings(argv: list[str]) -> tuple[str, int, tuple | None, int] | None:
     """(tokenizer_dir, memory_mb, deid, workers) of the guarded children that a job run
     with `argv` starts in this process, or None where it starts none here.
 
     None for another runner, for `multi_processing` (its workers are other processes),
-    without `--isolation process`, and for argv this cannot read: the real parse reports
-    the mistake. `deid` is (key_file, carry_identifiers), as `GuardedTokenizer` holds it.
+    without `--isolation process`, for jobs that only build (`--dry_run`,
+    `--template_location`) or only print help, and for argv that is missing
+    `--input`/`--output`, names no local tokenizer folder, or cannot be read: the real
+    parse reports those mistakes, in one line, without children to wait for. `deid` is
+    (key_file, carry_identifiers), as `GuardedTokenizer` holds it.
     """
+    if any(a in ("-h", "--help") or a.startswith(_BUILD_ONLY) for a in argv):
+        return None
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     add_ecgtok_args(parser)
     parser.add_argument("--runner", default=None)
@@ -116,9 +124,11 @@ def local_guard_settings(argv: list[str]) -> tuple[str, int, tuple | None, int] 
         return None
     if args.runner not in LOCAL_RUNNER_NAMES or args.direct_running_mode == "multi_processing":
         return None
-    if args.isolation != "process":
+    if args.isolation != "process" or not (args.input and args.output):
         return None
     tokenizer_dir = args.tokenizer or default_tokenizer_dir()
+    if not os.path.isdir(tokenizer_dir):
+        return None
     workers = args.direct_num_workers or os.cpu_count() or 1
     deid = (args.pseudonym_key_file, bool(args.carry_identifiers))
     return tokenizer_dir, args.record_memory_mb, deid, workers

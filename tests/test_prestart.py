@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,82 +17,146 @@ from ecgtok.transforms import isolation
 from ecgtok.transforms.isolation import GuardedTokenizer, discard_prestarted, prestart
 
 RECORD = ("cinc2021_12lead", "G12EC", "E00001.hea")
+IO = ["--input", "in", "--output", "out"]
 
 
-def test_local_guard_settings_read_the_flags_a_local_job_uses():
-    cores = os.cpu_count() or 1
-    assert local_guard_settings(["--input", "a", "--output", "b"]) == (
-        default_tokenizer_dir(),
-        6144,
-        (None, False),
-        cores,
-    )
-    assert local_guard_settings(
-        ["--tokenizer=/t", "--record_memory_mb", "900", "--direct_num_workers=3"]
-        + ["--pseudonym_key_file", "/k", "--carry_identifiers", "--project", "p"]
-    ) == ("/t", 900, ("/k", True), 3)
-    # No children in this process: another runner, worker processes, no guard.
-    assert local_guard_settings(["--runner", "DataflowRunner"]) is None
-    assert local_guard_settings(["--direct_running_mode=multi_processing"]) is None
-    assert local_guard_settings(["--isolation", "none"]) is None
-    # A mistake is left to the real parse (one line, exit 2): no SystemExit here.
-    assert local_guard_settings(["--isolation", "bogus"]) is None
-    assert local_guard_settings(["--record_memory_mb", "lots"]) is None
+@pytest.fixture(autouse=True)
+def _no_leftovers(monkeypatch):
+    monkeypatch.delenv("ECGTOK_PRESTART", raising=False)
+    yield
+    discard_prestarted()
 
 
-def test_a_guard_takes_a_prestarted_child_only_with_the_same_settings():
+def _guard_settings_of_the_job(argv: list[str]) -> tuple:
+    """What the job itself resolves from argv, as its GuardedTokenizers will hold it."""
+    from ecgtok.pipeline.options import local_runner
+    from ecgtok.pipeline.run import _pipeline_options, _resolve
+
+    options, opts = _pipeline_options(argv)
+    cfg = _resolve(opts, "tokenize", check_paths=False)
+    local_runner(options)  # sets the local default of direct_num_workers
+    from apache_beam.options.pipeline_options import DirectOptions
+
+    workers = options.view_as(DirectOptions).direct_num_workers
+    deid = (cfg.deid.key_file, cfg.deid.carry_identifiers)
+    return cfg.tokenizer_dir, cfg.limits.memory_mb, deid, workers
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["--record_memory_mb", "900", "--direct_num_workers=3"],
+        ["--pseudonym_key_file", "/k", "--carry_identifiers", "--project", "p"],
+        ["--tokenizer", "TOK"],
+    ],
+)
+def test_the_pre_parse_reads_the_settings_the_job_resolves(extra):
+    argv = IO + [default_tokenizer_dir() if a == "TOK" else a for a in extra]
+    assert local_guard_settings(argv) == _guard_settings_of_the_job(argv)
+
+
+def test_no_children_where_the_job_would_start_none_or_fail_at_once(tmp_path):
+    for argv in (
+        ["--runner", "DataflowRunner"],
+        ["--direct_running_mode=multi_processing"],  # its workers are other processes
+        ["--isolation", "none"],
+        ["--dry_run=True"],
+        ["--template_location", "gs://b/t"],
+        ["--help"],
+        ["--tokenizer", str(tmp_path / "missing")],
+        ["--isolation", "bogus"],  # left to the real parse: one line, exit 2
+        ["--record_memory_mb", "lots"],
+    ):
+        assert local_guard_settings(IO + argv) is None, argv
+    assert local_guard_settings(["--input", "in"]) is None  # no --output
+
+
+def test_a_guard_takes_a_prestarted_child_only_with_the_same_settings(tmp_path):
     rec = data_path(*RECORD)
     tok = default_tokenizer_dir()
+    other_tok = str(tmp_path / "tok")
+    shutil.copytree(tok, other_tok)
+    prestart(tok, 0, (None, False), 2)
+    prestart(tok, 0, (None, False), 2)  # tops up to 2, never more
+    ready = isolation._PRESTARTED[(tok, 0, (None, False))]
+    assert len(ready) == 2
+    pids = {proc.pid for proc, _ in ready}
+    # Another memory bound, tokenizer, pseudonym key or carry switch: never this child.
+    for folder, memory, key, carry in (
+        (tok, 100_000, None, False),
+        (other_tok, 0, None, False),
+        (tok, 0, "/k", False),
+        (tok, 0, None, True),
+    ):
+        guard = GuardedTokenizer(folder, 60, memory, deid=_Deid(key, carry))
+        try:
+            assert guard._prestarted() is None
+        finally:
+            guard.close()
+    assert len(ready) == 2
+
+    guard = GuardedTokenizer(tok, 60, 0, deid=_Deid(None, False))
     try:
-        prestart(tok, 0, (None, False), 2)
-        prestart(tok, 0, (None, False), 2)  # tops up to 2, never more
-        ready = isolation._PRESTARTED[(tok, 0, (None, False))]
-        assert len(ready) == 2
-        pids = {proc.pid for proc, _ in ready}
-
-        other = GuardedTokenizer(tok, 60, 100_000)  # another memory bound: its own child
-        other.tokenize(rec, "a", 300.0, {})
-        assert other._child.pid not in pids and len(ready) == 2
-        other.close()
-
-        guard = GuardedTokenizer(tok, 60, 0, deid=_Deid())
         rows = guard.tokenize(rec, "G12EC/E00001", 300.0, {})
         assert guard._child.pid in pids and len(ready) == 1
         assert rows[0]["record_id"] == "G12EC/E00001" and len(rows[0]["r_peaks"]) > 5
-        guard.close()
-
-        left = ready[0][0]
-        discard_prestarted()
-        assert not isolation._PRESTARTED and not left.is_alive()
     finally:
-        discard_prestarted()
+        guard.close()
+    left = ready[0][0]
+    discard_prestarted()
+    assert not isolation._PRESTARTED and not left.is_alive()
 
 
 class _Deid:
     """What a job hands the guard: DeidSettings' two fields."""
 
-    key_file = None
-    carry_identifiers = False
+    def __init__(self, key_file, carry_identifiers) -> None:
+        self.key_file, self.carry_identifiers = key_file, carry_identifiers
 
 
-def test_a_job_uses_the_prestarted_children_and_leaves_none_behind(tmp_path, monkeypatch):
+def test_a_job_uses_the_prestarted_children_and_ends_the_rest(tmp_path, monkeypatch):
     rec = data_path(*RECORD)
-    taken = []
-    take = GuardedTokenizer._prestarted
+    started, taken = [], []
+    spawn, take = isolation._spawn_child, GuardedTokenizer._prestarted
 
-    def spy(self):
+    def spy_spawn(*args):
+        child = spawn(*args)
+        started.append(child[0])
+        return child
+
+    def spy_take(self):
         child = take(self)
         taken.append(child is not None)
         return child
 
-    monkeypatch.setattr(GuardedTokenizer, "_prestarted", spy)
+    monkeypatch.setattr(isolation, "_spawn_child", spy_spawn)
+    monkeypatch.setattr(GuardedTokenizer, "_prestarted", spy_take)
     arch = tmp_path / "arch"
     copy_record(rec, str(arch))
     out = tmp_path / "out"
     assert cli(["tokenize", "--input", str(arch), "--output", str(out)]) == 0
     assert taken and taken[0], "the job's guard did not take a pre-started child"
     assert len(read_folder(out / "tokens")) == 1
-    assert not isolation._PRESTARTED  # the unused ones were ended with the job
+    assert not isolation._PRESTARTED
+    for proc in started:  # the used ones closed by the job, the others ended after it
+        proc.join(timeout=10)
+        assert not proc.is_alive()
+
+
+def test_a_tight_memory_bound_still_gives_error_rows_not_a_failed_job(tmp_path, capsys):
+    """Under a bound too tight for SciPy's imports, the child starts without importing
+    ahead, and each record fails on its own, as an error row (warm_up is skipped)."""
+    rec = data_path(*RECORD)
+    arch = tmp_path / "arch"
+    copy_record(rec, str(arch))
+    out = tmp_path / "out"
+    code = cli(["tokenize", "--input", str(arch), "--output", str(out), "--record_memory_mb=300"])
+    capsys.readouterr()
+    assert code == 0
+    (err,) = read_folder(out / "errors")
+    # The first import that does not fit fails the record (wfdb's pandas, at 300 MB).
+    assert err["record_id"] == "E00001" and err["stage"] in ("read", "beats", "limits"), err
 
 
 def test_warm_up_imports_what_the_first_record_would():
@@ -113,7 +178,15 @@ print(new)
     assert out.stdout.strip() == "[]", out.stdout
 
 
-@pytest.fixture(autouse=True)
-def _no_leftovers():
-    yield
-    discard_prestarted()
+def test_a_child_that_cannot_start_says_so_in_one_line(tmp_path, capfd):
+    broken = str(tmp_path / "tok")
+    os.makedirs(broken)  # a folder, but no tokenizer in it
+    guard = GuardedTokenizer(broken, 30, 0)
+    try:
+        with pytest.raises(isolation.RecordError) as info:
+            guard.tokenize(data_path(*RECORD), "x", 300.0, {})
+        assert info.value.error_type == "worker_crashed"
+    finally:
+        guard.close()
+    err = capfd.readouterr().err
+    assert "the guarded process could not start" in err and "Traceback" not in err

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import pickle
+import sys
 import threading
 
 from ecgtok.transforms.errors import RecordError
@@ -40,6 +41,10 @@ STARTUP_TIMEOUT_S = 300.0
 # Requests written to the child ahead of its answers. Small requests (a path and an id):
 # a few dozen never fill the pipe's buffer, so writing them cannot block.
 PIPELINE_DEPTH = 32
+# Below this address-space bound the child does not import ahead (`warm_up`): SciPy's
+# imports need a few hundred MB, and under a tighter bound they should fail on the first
+# record, as that record's error row, not on the child's start.
+WARM_UP_MIN_MB = 1024
 _TOKENIZER = None
 _POLICY = None
 # Children started ahead of need by `prestart`, by (tokenizer_dir, memory_mb, deid); Beam's
@@ -60,9 +65,11 @@ def _init_child(memory_mb: int, tokenizer_dir: str, deid: tuple | None) -> None:
     from ecgtok.models.tokenizer import Tokenizer
 
     _TOKENIZER = Tokenizer.load(tokenizer_dir)
-    from ecgtok.transforms.record_tokens import warm_up
+    if memory_mb == 0 or memory_mb >= WARM_UP_MIN_MB:
+        from ecgtok.transforms.record_tokens import warm_up
 
-    warm_up()
+        with contextlib.suppress(Exception):  # whatever fails here fails again on a record
+            warm_up()
     if deid is not None:
         from ecgtok.transforms.formats.deid import DeidPolicy
 
@@ -77,7 +84,11 @@ def _child_main(conn, memory_mb: int, tokenizer_dir: str, deid, work) -> None:
     Answers are ('done', value) or ('raise', exception): an exception (a transient I/O
     error, say) is re-raised in the parent, so Beam retries as if it ran in-process.
     """
-    _init_child(memory_mb, tokenizer_dir, deid)
+    try:
+        _init_child(memory_mb, tokenizer_dir, deid)
+    except Exception as exc:  # one line, not a traceback; the parent sees the child end
+        print(f"ecgtok: the guarded process could not start: {exc!r}", file=sys.stderr)
+        return
     conn.send(("done", True))  # ready
     while True:
         try:
