@@ -204,7 +204,7 @@ def make_length_record(label: str, seconds: int, fmt: str) -> str:
 IN_PROCESS = r"""
 import os, sys, time, json
 from ecgtok.models.tokenizer import Tokenizer
-from ecgtok.pipeline.options import default_tokenizer_dir
+from ecgtok.pipeline.flags import default_tokenizer_dir
 from ecgtok.transforms.record_tokens import tokenize_record
 import ecgtok.transforms.qrs, ecgtok.transforms.beats, ecgtok.transforms.wfdb_reader
 tok = Tokenizer.load(default_tokenizer_dir())

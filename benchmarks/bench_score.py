@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ecgtok.models.model import load_model, row_to_example
     from ecgtok.models.tokenizer import Tokenizer
-    from ecgtok.pipeline.options import default_model_dir, default_tokenizer_dir
+    from ecgtok.pipeline.flags import default_model_dir, default_tokenizer_dir
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--records", type=int, default=4096)

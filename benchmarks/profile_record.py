@@ -249,7 +249,7 @@ def main() -> None:
     a = ap.parse_args()
 
     from ecgtok.models.tokenizer import Tokenizer
-    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.pipeline.flags import default_tokenizer_dir
     from ecgtok.transforms.schemas import token_schema
 
     paths = records(a.records_dir)

@@ -371,7 +371,7 @@ def _round(x, nd: int = 4):
 
 
 def fidelity_main(argv: list[str]) -> int:
-    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.pipeline.flags import default_tokenizer_dir
 
     ap = argparse.ArgumentParser(prog="ecgtok fidelity")
     ap.add_argument("--input", required=True, nargs="+")
@@ -779,7 +779,7 @@ def word_shapes(tok) -> np.ndarray:
 
 def pretrain_main(argv: list[str]) -> int:
     from ecgtok.models.model import HEADS, N_RR_FEATURES, save_model
-    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.pipeline.flags import default_tokenizer_dir
 
     ap = _train_parser("ecgtok pretrain")
     ap.add_argument(

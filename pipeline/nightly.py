@@ -1120,7 +1120,7 @@ def prepare(argv: list[str]):
     """Parse, check and plan a night (takes the lock). Returns (plan, options)."""
     from ecgtok.models.model import load_model
     from ecgtok.models.tokenizer import Tokenizer
-    from ecgtok.pipeline.options import default_model_dir, default_tokenizer_dir
+    from ecgtok.pipeline.flags import default_model_dir, default_tokenizer_dir
 
     started = time.time()
     args, date, options, opts = parse_args(argv)

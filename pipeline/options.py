@@ -10,12 +10,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from ecgtok.pipeline.flags import (  # noqa: F401  (the defaults are used from here)
-    LOCAL_RUNNER_NAMES,
-    add_ecgtok_args,
-    default_model_dir,
-    default_tokenizer_dir,
-)
+from ecgtok.pipeline.flags import LOCAL_RUNNER_NAMES, add_ecgtok_args
 
 
 class EcgtokOptions(PipelineOptions):

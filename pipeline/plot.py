@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from ecgtok.models.tokenizer import ArtifactError, Tokenizer
-    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.pipeline.flags import default_tokenizer_dir
     from ecgtok.transforms.errors import RecordError
     from ecgtok.transforms.figure import plot_record_with_tokens
     from ecgtok.transforms.record_tokens import read_any, tokenize_record

@@ -18,13 +18,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from ecgtok.pipeline import chunks, graph, outputs, runners
 from ecgtok.pipeline.discovery import DeidSettings, check_source, manifest_columns
-from ecgtok.pipeline.options import (
-    EcgtokOptions,
-    default_model_dir,
-    default_tokenizer_dir,
-    is_local_default,
-    local_runner,
-)
+from ecgtok.pipeline.flags import default_model_dir, default_tokenizer_dir
+from ecgtok.pipeline.options import EcgtokOptions, is_local_default, local_runner
 from ecgtok.transforms.stages import RecordLimits
 
 _LOG = logging.getLogger(__name__)

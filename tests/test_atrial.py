@@ -125,7 +125,7 @@ def test_sinus_records_show_a_p_wave_that_af_records_lack():
 
 
 def test_shipped_tokenizer_writes_an_atrial_word_for_every_beat_of_every_lead():
-    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.pipeline.flags import default_tokenizer_dir
     from ecgtok.transforms.record_tokens import tokenize_record
 
     tok = Tokenizer.load(default_tokenizer_dir())

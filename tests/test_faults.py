@@ -43,7 +43,7 @@ def crash_hard(*_args):
 
 
 def test_guard_turns_a_hang_and_a_crash_into_error_rows_and_recovers(tmp_path):
-    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.pipeline.flags import default_tokenizer_dir
     from ecgtok.transforms.errors import RecordError
     from ecgtok.transforms.isolation import GuardedTokenizer
 
@@ -77,7 +77,7 @@ def hang_or_crash_on_some(source_path, record_id, *_args):
 def test_a_batch_keeps_going_past_a_hang_and_a_crash_in_its_middle():
     """Records are pipelined to the child in batches; one that hangs or kills the child
     costs its own error row, and every other record of the batch is still answered."""
-    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.pipeline.flags import default_tokenizer_dir
     from ecgtok.transforms.errors import RecordError
     from ecgtok.transforms.isolation import GuardedTokenizer
 
@@ -99,7 +99,7 @@ def test_a_batch_keeps_going_past_a_hang_and_a_crash_in_its_middle():
 def test_an_abandoned_batch_does_not_leak_answers_into_the_next():
     """The caller stops reading a batch half-way (a transient error it re-raises, say):
     the next batch must get its own answers, not the rest of the old batch's."""
-    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.pipeline.flags import default_tokenizer_dir
     from ecgtok.transforms.isolation import GuardedTokenizer
 
     guard = GuardedTokenizer(default_tokenizer_dir(), 30, 0, work=hang_or_crash_on_some)
@@ -118,7 +118,7 @@ def storage_hiccup(*_args):
 
 
 def test_guard_hands_a_transient_error_back_so_beam_can_retry():
-    from ecgtok.pipeline.options import default_tokenizer_dir
+    from ecgtok.pipeline.flags import default_tokenizer_dir
     from ecgtok.transforms.isolation import GuardedTokenizer
 
     guard = GuardedTokenizer(default_tokenizer_dir(), 30, 0, work=storage_hiccup)

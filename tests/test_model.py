@@ -24,7 +24,7 @@ from ecgtok.models.model import (
     save_model,
 )
 from ecgtok.models.tokenizer import ArtifactError, Tokenizer
-from ecgtok.pipeline.options import default_model_dir, default_tokenizer_dir
+from ecgtok.pipeline.flags import default_model_dir, default_tokenizer_dir
 
 
 def _tiny_model(vocab: int = 40) -> tuple[EcgLM, dict]:

@@ -26,7 +26,7 @@ from gcs_emulator import gcs  # noqa: F401  (pytest fixture)
 from ecgtok.models.model import load_model
 from ecgtok.pipeline import nightly
 from ecgtok.pipeline.cli import main as cli
-from ecgtok.pipeline.options import default_model_dir
+from ecgtok.pipeline.flags import default_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPLOY = os.path.join(REPO, "deploy")
@@ -213,7 +213,7 @@ def test_three_nights_incremental_idempotent(archive, tmp_path, capsys):
 def test_broken_record_failure_and_tokenizer_change(tmp_path, capsys, monkeypatch):
     from ecgtok.models.model import load_model, save_model
     from ecgtok.models.tokenizer import Tokenizer
-    from ecgtok.pipeline.options import default_model_dir, default_tokenizer_dir
+    from ecgtok.pipeline.flags import default_model_dir, default_tokenizer_dir
     from ecgtok.transforms.synth import write_demo_archive
 
     arch = str(tmp_path / "archive")

@@ -343,7 +343,7 @@ def test_symlink_loops_in_an_archive_terminate(good_archive, tmp_path, capsys):
 
 def test_a_model_for_another_tokenizer_is_refused_in_one_line(good_archive, tmp_path, capsys):
     from ecgtok.models.model import load_model, save_model
-    from ecgtok.pipeline.options import default_model_dir
+    from ecgtok.pipeline.flags import default_model_dir
 
     model, config = load_model(default_model_dir())
     other = str(tmp_path / "other_model")

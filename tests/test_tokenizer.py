@@ -11,7 +11,7 @@ from conftest import copy_record, data_path
 
 from ecgtok.models import tokenizer as T
 from ecgtok.models.tokenizer import ArtifactError, Tokenizer, build_sentence, tokenizer_meta
-from ecgtok.pipeline.options import default_tokenizer_dir
+from ecgtok.pipeline.flags import default_tokenizer_dir
 
 
 def _small_tokenizer(k: int = 8, seed: int = 0) -> Tokenizer:
