@@ -12,6 +12,7 @@ from conftest import copy_record, data_path
 from test_pipeline import read_folder
 
 from ecgtok.pipeline.cli import main as cli
+from ecgtok.pipeline.discovery import DeidSettings
 from ecgtok.pipeline.flags import default_tokenizer_dir, local_guard_settings
 from ecgtok.transforms import isolation
 from ecgtok.transforms.isolation import GuardedTokenizer, discard_prestarted, prestart
@@ -89,14 +90,14 @@ def test_a_guard_takes_a_prestarted_child_only_with_the_same_settings(tmp_path):
         (tok, 0, "/k", False),
         (tok, 0, None, True),
     ):
-        guard = GuardedTokenizer(folder, 60, memory, deid=_Deid(key, carry))
+        guard = GuardedTokenizer(folder, 60, memory, deid=DeidSettings(key, carry))
         try:
             assert guard._prestarted() is None
         finally:
             guard.close()
     assert len(ready) == 2
 
-    guard = GuardedTokenizer(tok, 60, 0, deid=_Deid(None, False))
+    guard = GuardedTokenizer(tok, 60, 0, deid=DeidSettings(None, False))
     try:
         rows = guard.tokenize(rec, "G12EC/E00001", 300.0, {})
         assert guard._child.pid in pids and len(ready) == 1
@@ -106,13 +107,6 @@ def test_a_guard_takes_a_prestarted_child_only_with_the_same_settings(tmp_path):
     left = ready[0][0]
     discard_prestarted()
     assert not isolation._PRESTARTED and not left.is_alive()
-
-
-class _Deid:
-    """What a job hands the guard: DeidSettings' two fields."""
-
-    def __init__(self, key_file, carry_identifiers) -> None:
-        self.key_file, self.carry_identifiers = key_file, carry_identifiers
 
 
 def test_a_job_uses_the_prestarted_children_and_ends_the_rest(tmp_path, monkeypatch):
