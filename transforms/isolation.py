@@ -89,7 +89,10 @@ def _child_main(conn, memory_mb: int, tokenizer_dir: str, deid, work) -> None:
     except Exception as exc:  # one line, not a traceback; the parent sees the child end
         print(f"ecgtok: the guarded process could not start: {exc!r}", file=sys.stderr)
         return
-    conn.send(("done", True))  # ready
+    try:
+        conn.send(("done", True))  # ready
+    except OSError:  # the parent left while this child was starting (BrokenPipeError)
+        return
     while True:
         try:
             args = conn.recv()
