@@ -95,6 +95,17 @@ class _Unparsable(Exception):
 _BUILD_ONLY = ("--dry_run", "--template_location")
 
 
+def local_workers(running_mode: str | None, num_workers: int | None) -> tuple[str, int]:
+    """(direct_running_mode, direct_num_workers) of a local job, from the values the user
+    gave (None where not given): threads on every core by default; `in_memory`, which
+    has one worker by design, gets one unless told otherwise; 0 means every core, as in
+    Beam."""
+    mode = running_mode or "multi_threading"
+    if num_workers is None:
+        num_workers = 1 if mode == "in_memory" else 0
+    return mode, num_workers or os.cpu_count() or 1
+
+
 def local_guard_settings(argv: list[str]) -> tuple[str, int, tuple | None, int] | None:
     """(tokenizer_dir, memory_mb, deid, workers) of the guarded children that a job run
     with `argv` starts in this process, or None where it starts none here.
@@ -129,6 +140,6 @@ def local_guard_settings(argv: list[str]) -> tuple[str, int, tuple | None, int] 
     tokenizer_dir = args.tokenizer or default_tokenizer_dir()
     if not os.path.isdir(tokenizer_dir):
         return None
-    workers = args.direct_num_workers or os.cpu_count() or 1
+    _, workers = local_workers(args.direct_running_mode, args.direct_num_workers)
     deid = (args.pseudonym_key_file, bool(args.carry_identifiers))
     return tokenizer_dir, args.record_memory_mb, deid, workers

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+import argparse
 
 from apache_beam.options.pipeline_options import (
     DirectOptions,
@@ -10,7 +10,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from ecgtok.pipeline.flags import LOCAL_RUNNER_NAMES, add_ecgtok_args
+from ecgtok.pipeline.flags import LOCAL_RUNNER_NAMES, add_ecgtok_args, local_workers
 
 
 class EcgtokOptions(PipelineOptions):
@@ -34,12 +34,19 @@ def local_runner(options: PipelineOptions):
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
     direct = options.view_as(DirectOptions)
-    if direct.direct_running_mode == "in_memory" and not _given(options, "direct_running_mode"):
-        direct.direct_running_mode = "multi_threading"
-    if not _given(options, "direct_num_workers"):
-        direct.direct_num_workers = os.cpu_count() or 1
+    mode = direct.direct_running_mode if _given(options, "direct_running_mode") else None
+    workers = direct.direct_num_workers if _given(options, "direct_num_workers") else None
+    direct.direct_running_mode, direct.direct_num_workers = local_workers(mode, workers)
     return FnApiRunner()
 
 
 def _given(options: PipelineOptions, name: str) -> bool:
-    return name in options.get_all_options(drop_default=True)
+    """Whether the user set `name`, even to Beam's default value (`--direct_num_workers=1`
+    and `--direct_running_mode=in_memory` are Beam's defaults, and must be kept).
+    `drop_default=True` alone drops those, so the argv Beam keeps is read too."""
+    if name in options.get_all_options(drop_default=True):
+        return True
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument(f"--{name}", default=None)
+    known, _ = parser.parse_known_args(list(getattr(options, "_flags", None) or []))
+    return getattr(known, name) is not None

@@ -50,6 +50,8 @@ def _guard_settings_of_the_job(argv: list[str]) -> tuple:
         ["--record_memory_mb", "900", "--direct_num_workers=3"],
         ["--pseudonym_key_file", "/k", "--carry_identifiers", "--project", "p"],
         ["--tokenizer", "TOK"],
+        ["--direct_num_workers=1"],
+        ["--direct_running_mode", "in_memory"],
     ],
 )
 def test_the_pre_parse_reads_the_settings_the_job_resolves(extra):

@@ -109,3 +109,25 @@ def test_runner_that_needs_a_download_fails_at_once(archive, tmp_path, runner_ar
     assert needle in err and len(err.strip().splitlines()) == 1
     assert elapsed < 30
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], ("multi_threading", os.cpu_count() or 1)),
+        (["--direct_num_workers=1"], ("multi_threading", 1)),  # Beam's default value, kept
+        (["--direct_running_mode", "in_memory"], ("in_memory", 1)),  # likewise
+        (["--direct_running_mode=in_memory", "--direct_num_workers=3"], ("in_memory", 3)),
+        (["--direct_running_mode=multi_processing"], ("multi_processing", os.cpu_count() or 1)),
+        (["--direct_num_workers=0"], ("multi_threading", os.cpu_count() or 1)),
+    ],
+)
+def test_the_local_runner_keeps_what_the_user_set(argv, expected):
+    from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
+
+    from ecgtok.pipeline.options import local_runner
+
+    options = PipelineOptions(argv)
+    local_runner(options)
+    direct = options.view_as(DirectOptions)
+    assert (direct.direct_running_mode, direct.direct_num_workers) == expected
