@@ -237,8 +237,8 @@ DISCOVER = (
 def startup(records: str, work: str) -> None:
     """The fixed costs, each on its own: imports, a 1-record job with and without the
     guard (the difference is the guarded child's start), the guarded job with its
-    children started only when the job needs them (ECGTOK_PRESTART=0: no head start
-    during the launcher's imports), and listing the archive."""
+    children's forkserver started only when the job needs it (ECGTOK_PRESTART=0: no
+    head start during the launcher's imports), and listing the archive."""
     first = header_paths(records)[0]
     one = os.path.join(work, "one_record")
     os.makedirs(one, exist_ok=True)
@@ -273,7 +273,7 @@ def startup(records: str, work: str) -> None:
             f"job {g['job_s']:.2f} s; the guarded children's start: {g['wall'] - n['wall']:+.2f} s",
         ),
         (
-            "1-record tokenize, guarded, children not pre-started (ECGTOK_PRESTART=0)",
+            "1-record tokenize, guarded, forkserver not pre-started (ECGTOK_PRESTART=0)",
             late["wall"],
             f"job {late['job_s']:.2f} s",
         ),

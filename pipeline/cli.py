@@ -60,27 +60,22 @@ def print_summary(summary: dict, out=None) -> None:
 
 
 def _prestart_children(command: str, argv: list[str]) -> None:
-    """Start a local job's guarded children now, before Beam is imported (~2 s), so their
-    own start-up runs on the core the launcher leaves idle (transforms/isolation.py).
-    ECGTOK_PRESTART=0 turns this off (benchmarks compare the two)."""
+    """Start the forkserver of a local job's guarded children now, before Beam is imported
+    (~2 s), so the children's imports run on the core the launcher leaves idle
+    (transforms/isolation.py). ECGTOK_PRESTART=0 turns this off (benchmarks compare)."""
     if command == "score" or os.environ.get("ECGTOK_PRESTART") == "0":
         return
-    from ecgtok.pipeline.flags import local_guard_settings
+    from ecgtok.pipeline.flags import local_guard_memory_mb
     from ecgtok.transforms.isolation import prestart
 
-    settings = local_guard_settings(argv)
-    if settings is not None:
-        prestart(*settings)
+    memory_mb = local_guard_memory_mb(argv)
+    if memory_mb is not None:
+        prestart(memory_mb)
 
 
 def _run_job(command: str, argv: list[str]) -> int:
-    from ecgtok.transforms.isolation import discard_prestarted
-
-    try:
-        _prestart_children(command, argv)
-        return _run_started_job(command, argv)
-    finally:
-        discard_prestarted()
+    _prestart_children(command, argv)
+    return _run_started_job(command, argv)
 
 
 def _run_started_job(command: str, argv: list[str]) -> int:

@@ -1,8 +1,9 @@
 """ecgtok's own job flags, readable without importing Beam.
 
 `EcgtokOptions` (pipeline/options.py) registers these on Beam's parser. The launcher also
-reads a few of them before it imports Beam (about 2 s), to start the guarded children of
-a local job on the otherwise idle core meanwhile (`transforms/isolation.py`, `prestart`).
+reads a few of them before it imports Beam (about 2 s), to start the forkserver of a
+local job's guarded children on the otherwise idle core meanwhile
+(`transforms/isolation.py`, `prestart`).
 """
 
 from __future__ import annotations
@@ -95,27 +96,15 @@ class _Unparsable(Exception):
 _BUILD_ONLY = ("--dry_run", "--template_location")
 
 
-def local_workers(running_mode: str | None, num_workers: int | None) -> tuple[str, int]:
-    """(direct_running_mode, direct_num_workers) of a local job, from the values the user
-    gave (None where not given): threads on every core by default; `in_memory`, which
-    has one worker by design, gets one unless told otherwise; 0 means every core, as in
-    Beam."""
-    mode = running_mode or "multi_threading"
-    if num_workers is None:
-        num_workers = 1 if mode == "in_memory" else 0
-    return mode, num_workers or os.cpu_count() or 1
-
-
-def local_guard_settings(argv: list[str]) -> tuple[str, int, tuple | None, int] | None:
-    """(tokenizer_dir, memory_mb, deid, workers) of the guarded children that a job run
-    with `argv` starts in this process, or None where it starts none here.
+def local_guard_memory_mb(argv: list[str]) -> int | None:
+    """The address-space bound (`--record_memory_mb`) of the guarded children that a job
+    run with `argv` starts in this process, or None where it starts none here.
 
     None for another runner, for `multi_processing` (its workers are other processes),
     without `--isolation process`, for jobs that only build (`--dry_run`,
     `--template_location`) or only print help, and for argv that is missing
     `--input`/`--output`, names no local tokenizer folder, or cannot be read: the real
-    parse reports those mistakes, in one line, without children to wait for. `deid` is
-    (key_file, carry_identifiers), as `GuardedTokenizer` holds it.
+    parse reports those mistakes, in one line, without children to wait for.
     """
     if any(a in ("-h", "--help") or a.startswith(_BUILD_ONLY) for a in argv):
         return None
@@ -123,7 +112,6 @@ def local_guard_settings(argv: list[str]) -> tuple[str, int, tuple | None, int] 
     add_ecgtok_args(parser)
     parser.add_argument("--runner", default=None)
     parser.add_argument("--direct_running_mode", default=None)
-    parser.add_argument("--direct_num_workers", type=int, default=None)
 
     def fail(message: str):
         raise _Unparsable(message)
@@ -137,9 +125,6 @@ def local_guard_settings(argv: list[str]) -> tuple[str, int, tuple | None, int] 
         return None
     if args.isolation != "process" or not (args.input and args.output):
         return None
-    tokenizer_dir = args.tokenizer or default_tokenizer_dir()
-    if not os.path.isdir(tokenizer_dir):
+    if not os.path.isdir(args.tokenizer or default_tokenizer_dir()):
         return None
-    _, workers = local_workers(args.direct_running_mode, args.direct_num_workers)
-    deid = (args.pseudonym_key_file, bool(args.carry_identifiers))
-    return tokenizer_dir, args.record_memory_mb, deid, workers
+    return args.record_memory_mb

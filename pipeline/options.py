@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from apache_beam.options.pipeline_options import (
     DirectOptions,
@@ -10,7 +11,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from ecgtok.pipeline.flags import LOCAL_RUNNER_NAMES, add_ecgtok_args, local_workers
+from ecgtok.pipeline.flags import LOCAL_RUNNER_NAMES, add_ecgtok_args
 
 
 class EcgtokOptions(PipelineOptions):
@@ -50,3 +51,14 @@ def _given(options: PipelineOptions, name: str) -> bool:
     parser.add_argument(f"--{name}", default=None)
     known, _ = parser.parse_known_args(list(getattr(options, "_flags", None) or []))
     return getattr(known, name) is not None
+
+
+def local_workers(running_mode: str | None, num_workers: int | None) -> tuple[str, int]:
+    """(direct_running_mode, direct_num_workers) of a local job, from the values the user
+    gave (None where not given): threads on every core by default; `in_memory`, which
+    has one worker by design, gets one unless told otherwise; 0 means every core, as in
+    Beam."""
+    mode = running_mode or "multi_threading"
+    if num_workers is None:
+        num_workers = 1 if mode == "in_memory" else 0
+    return mode, num_workers or os.cpu_count() or 1

@@ -1,9 +1,9 @@
-"""Guarded children started before the launcher imports Beam (`isolation.prestart`)."""
+"""Guarded children forked warm from one forkserver, which the launcher starts before it
+imports Beam (`isolation.prestart`)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,35 +12,25 @@ from conftest import copy_record, data_path
 from test_pipeline import read_folder
 
 from ecgtok.pipeline.cli import main as cli
-from ecgtok.pipeline.discovery import DeidSettings
-from ecgtok.pipeline.flags import default_tokenizer_dir, local_guard_settings
+from ecgtok.pipeline.flags import default_tokenizer_dir, local_guard_memory_mb
 from ecgtok.transforms import isolation
-from ecgtok.transforms.isolation import GuardedTokenizer, discard_prestarted, prestart
+from ecgtok.transforms.isolation import GuardedTokenizer, prestart
 
 RECORD = ("cinc2021_12lead", "G12EC", "E00001.hea")
 IO = ["--input", "in", "--output", "out"]
 
 
 @pytest.fixture(autouse=True)
-def _no_leftovers(monkeypatch):
+def _prestart_on(monkeypatch):
     monkeypatch.delenv("ECGTOK_PRESTART", raising=False)
-    yield
-    discard_prestarted()
 
 
-def _guard_settings_of_the_job(argv: list[str]) -> tuple:
-    """What the job itself resolves from argv, as its GuardedTokenizers will hold it."""
-    from ecgtok.pipeline.options import local_runner
+def _bound_the_job_resolves(argv: list[str]) -> int:
+    """The address-space bound the job's GuardedTokenizers will hold, as the job reads it."""
     from ecgtok.pipeline.run import _pipeline_options, _resolve
 
-    options, opts = _pipeline_options(argv)
-    cfg = _resolve(opts, "tokenize", check_paths=False)
-    local_runner(options)  # sets the local default of direct_num_workers
-    from apache_beam.options.pipeline_options import DirectOptions
-
-    workers = options.view_as(DirectOptions).direct_num_workers
-    deid = (cfg.deid.key_file, cfg.deid.carry_identifiers)
-    return cfg.tokenizer_dir, cfg.limits.memory_mb, deid, workers
+    _, opts = _pipeline_options(argv)
+    return _resolve(opts, "tokenize", check_paths=False).limits.memory_mb
 
 
 @pytest.mark.parametrize(
@@ -48,18 +38,17 @@ def _guard_settings_of_the_job(argv: list[str]) -> tuple:
     [
         [],
         ["--record_memory_mb", "900", "--direct_num_workers=3"],
+        ["--record_memory_mb=0"],
         ["--pseudonym_key_file", "/k", "--carry_identifiers", "--project", "p"],
         ["--tokenizer", "TOK"],
-        ["--direct_num_workers=1"],
-        ["--direct_running_mode", "in_memory"],
     ],
 )
-def test_the_pre_parse_reads_the_settings_the_job_resolves(extra):
+def test_the_pre_parse_reads_the_bound_the_job_resolves(extra):
     argv = IO + [default_tokenizer_dir() if a == "TOK" else a for a in extra]
-    assert local_guard_settings(argv) == _guard_settings_of_the_job(argv)
+    assert local_guard_memory_mb(argv) == _bound_the_job_resolves(argv)
 
 
-def test_no_children_where_the_job_would_start_none_or_fail_at_once(tmp_path):
+def test_no_forkserver_where_the_job_would_start_no_child_here_or_fail_at_once(tmp_path):
     for argv in (
         ["--runner", "DataflowRunner"],
         ["--direct_running_mode=multi_processing"],  # its workers are other processes
@@ -71,73 +60,89 @@ def test_no_children_where_the_job_would_start_none_or_fail_at_once(tmp_path):
         ["--isolation", "bogus"],  # left to the real parse: one line, exit 2
         ["--record_memory_mb", "lots"],
     ):
-        assert local_guard_settings(IO + argv) is None, argv
-    assert local_guard_settings(["--input", "in"]) is None  # no --output
+        assert local_guard_memory_mb(IO + argv) is None, argv
+    assert local_guard_memory_mb(["--input", "in"]) is None  # no --output
 
 
-def test_a_guard_takes_a_prestarted_child_only_with_the_same_settings(tmp_path):
+def _mapped(pid: int, part: str) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return part in f.read()
+
+
+def child_environment(name: str, *_args):
+    """A guard's work function: what the child sees of the parent's environment."""
+    return "ok", [{"value": os.environ.get(name)}]
+
+
+def test_children_are_forked_warm_from_one_forkserver_and_tokenize_as_in_process(
+    monkeypatch,
+):
+    from ecgtok.models.tokenizer import Tokenizer
+    from ecgtok.transforms.record_tokens import tokenize_record
+
     rec = data_path(*RECORD)
     tok = default_tokenizer_dir()
-    other_tok = str(tmp_path / "tok")
-    shutil.copytree(tok, other_tok)
-    prestart(tok, 0, (None, False), 2)
-    prestart(tok, 0, (None, False), 2)  # tops up to 2, never more
-    ready = isolation._PRESTARTED[(tok, 0, (None, False))]
-    assert len(ready) == 2
-    pids = {proc.pid for proc, _ in ready}
-    # Another memory bound, tokenizer, pseudonym key or carry switch: never this child.
-    for folder, memory, key, carry in (
-        (tok, 100_000, None, False),
-        (other_tok, 0, None, False),
-        (tok, 0, "/k", False),
-        (tok, 0, None, True),
-    ):
-        guard = GuardedTokenizer(folder, 60, memory, deid=DeidSettings(key, carry))
-        try:
-            assert guard._prestarted() is None
-        finally:
-            guard.close()
-    assert len(ready) == 2
-
-    guard = GuardedTokenizer(tok, 60, 0, deid=DeidSettings(None, False))
+    assert prestart(0) and prestart(6144)  # idempotent: one server per process
+    guards = [GuardedTokenizer(tok, 60, 6144) for _ in range(2)]
     try:
-        rows = guard.tokenize(rec, "G12EC/E00001", 300.0, {})
-        assert guard._child.pid in pids and len(ready) == 1
-        assert rows[0]["record_id"] == "G12EC/E00001" and len(rows[0]["r_peaks"]) > 5
+        rows = [g.tokenize(rec, "G12EC/E00001", 300.0, {}) for g in guards]
+        parents = set()
+        for g in guards:
+            pid = g._child.pid
+            with open(f"/proc/{pid}/stat") as f:
+                parents.add(int(f.read().rsplit(")", 1)[1].split()[1]))
+            assert _mapped(pid, "scipy/signal"), "the child did not inherit SciPy's imports"
+        # Both forked by the same server, not by this process.
+        assert len(parents) == 1 and os.getpid() not in parents
+    finally:
+        for g in guards:
+            g.close()
+    expected = tokenize_record(rec, "G12EC/E00001", Tokenizer.load(tok), 300.0, {})
+    assert rows[0] == rows[1] == expected
+
+    # The environment is the parent's now, not the server's from when it started.
+    monkeypatch.setenv("ECGTOK_TEST_LATE_VARIABLE", "set after the server started")
+    guard = GuardedTokenizer(tok, 60, 0, work=child_environment)
+    try:
+        (row,) = guard.tokenize("ECGTOK_TEST_LATE_VARIABLE", "x", 300.0, {})
     finally:
         guard.close()
-    left = ready[0][0]
-    discard_prestarted()
-    assert not isolation._PRESTARTED and not left.is_alive()
+    assert row["value"] == "set after the server started"
 
 
-def test_a_job_uses_the_prestarted_children_and_ends_the_rest(tmp_path, monkeypatch):
-    rec = data_path(*RECORD)
-    started, taken = [], []
-    spawn, take = isolation._spawn_child, GuardedTokenizer._prestarted
+def test_under_a_tight_bound_children_are_spawned_not_forked_warm():
+    assert not prestart(300)
+    guard = GuardedTokenizer(default_tokenizer_dir(), 60, 300)
+    try:
+        guard._ensure_child()
+        with open(f"/proc/{guard._child.pid}/stat") as f:
+            assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid()
+    finally:
+        guard.close()
 
-    def spy_spawn(*args):
-        child = spawn(*args)
-        started.append(child[0])
-        return child
 
-    def spy_take(self):
-        child = take(self)
-        taken.append(child is not None)
-        return child
-
-    monkeypatch.setattr(isolation, "_spawn_child", spy_spawn)
-    monkeypatch.setattr(GuardedTokenizer, "_prestarted", spy_take)
+def test_the_launcher_starts_the_forkserver_before_it_imports_beam(tmp_path):
     arch = tmp_path / "arch"
-    copy_record(rec, str(arch))
+    copy_record(data_path(*RECORD), str(arch))
     out = tmp_path / "out"
-    assert cli(["tokenize", "--input", str(arch), "--output", str(out)]) == 0
-    assert taken and taken[0], "the job's guard did not take a pre-started child"
+    code = f"""
+import sys
+from multiprocessing import forkserver
+seen = []
+real = forkserver.ensure_running
+def spy():
+    seen.append("apache_beam" in sys.modules)
+    real()
+forkserver.ensure_running = spy
+from ecgtok.pipeline.cli import main
+code = main(["tokenize", "--input", {str(arch)!r}, "--output", {str(out)!r}])
+print("RESULT", code, seen[:1])
+"""
+    env = {**os.environ, "NO_GCE_CHECK": "true"}
+    env.pop("ECGTOK_PRESTART", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert "RESULT 0 [False]" in done.stdout, done.stdout + done.stderr
     assert len(read_folder(out / "tokens")) == 1
-    assert not isolation._PRESTARTED
-    for proc in started:  # the used ones closed by the job, the others ended after it
-        proc.join(timeout=10)
-        assert not proc.is_alive()
 
 
 def test_a_tight_memory_bound_still_gives_error_rows_not_a_failed_job(tmp_path, capsys):
@@ -182,6 +187,8 @@ def test_a_child_that_cannot_start_says_so_in_one_line(tmp_path, capfd):
         with pytest.raises(isolation.RecordError) as info:
             guard.tokenize(data_path(*RECORD), "x", 300.0, {})
         assert info.value.error_type == "worker_crashed"
+        # The error row says why, as the child saw it.
+        assert "could not start" in info.value.message and "codebook" in info.value.message
     finally:
         guard.close()
     err = capfd.readouterr().err

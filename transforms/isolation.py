@@ -11,13 +11,15 @@ pipe, and:
   with MemoryError inside the child instead of taking the worker down;
 * turns a child that died (segfault, OOM kill) into an error row and starts a new one.
 
-The child is started with `spawn`, never `fork`: the parent runs gRPC threads.
-
-A child's own start-up (Python, NumPy, SciPy, wfdb, the tokenizer: about 1.7 s, 0.3 s to
-"ready" plus 1.4 s of imports the first record would otherwise pay) is the same work
-wherever it happens. `prestart` lets the local launcher begin it before it imports Beam,
-on the core the launcher leaves idle; a `GuardedTokenizer` made later in the same process
-with the same settings takes a pre-started child instead of spawning one.
+Children are forked from a **forkserver** that has done their imports once (NumPy,
+SciPy's signal and ndimage, wfdb and pandas: about 1.4 s of CPU; `_child_preload.py`),
+never forked from the parent itself, which runs gRPC threads. So a second child, or one
+that replaces a child killed for time or memory, is ready in milliseconds instead of
+paying those imports again, and a two-worker job pays them once instead of twice on its
+two cores. `prestart` lets the local launcher start the forkserver before it imports
+Beam, on the core the launcher leaves idle. Children with an address-space bound under
+`WARM_UP_MIN_MB` are spawned fresh instead, and import lazily: under such a bound the
+imports themselves may not fit, and must fail a record (an error row), not the child.
 
 Why a bare pipe and not `concurrent.futures.ProcessPoolExecutor` (which this used
 first): the executor moves every call through a queue-management thread and a feeder
@@ -30,9 +32,9 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import pickle
 import sys
-import threading
 
 from ecgtok.transforms.errors import RecordError
 
@@ -41,22 +43,25 @@ STARTUP_TIMEOUT_S = 300.0
 # Requests written to the child ahead of its answers. Small requests (a path and an id):
 # a few dozen never fill the pipe's buffer, so writing them cannot block.
 PIPELINE_DEPTH = 32
-# Below this address-space bound the child does not import ahead (`warm_up`): SciPy's
-# imports need a few hundred MB, and under a tighter bound they should fail on the first
-# record, as that record's error row, not on the child's start.
+# At or above this address-space bound (or with none, 0) children are forked from the
+# warmed forkserver; below it they are spawned and import lazily. SciPy's imports need a
+# few hundred MB, and under a tighter bound they should fail on the first record, as that
+# record's error row, not on the child's start.
 WARM_UP_MIN_MB = 1024
+PRELOAD_MODULE = "ecgtok.transforms._child_preload"
 _TOKENIZER = None
 _POLICY = None
-# Children started ahead of need by `prestart`, by (tokenizer_dir, memory_mb, deid); Beam's
-# worker threads take them concurrently, under the lock.
-_PRESTARTED: dict[tuple, list[tuple]] = {}
-_PRESTARTED_LOCK = threading.Lock()
 
 
-def _init_child(memory_mb: int, tokenizer_dir: str, deid: tuple | None) -> None:
+def _init_child(memory_mb: int, tokenizer_dir: str, deid: tuple | None, env: dict) -> None:
     """`deid` is (key_file, carry_identifiers) or None: plain values, so unpickling the
-    arguments does not import `pipeline.discovery`, and with it Beam (1.5 s per child)."""
+    arguments does not import `pipeline.discovery`, and with it Beam (1.5 s per child).
+    `env` is the parent's environment when it asked for this child: a forked child would
+    otherwise see the forkserver's, as it was when the server started (a test's or a
+    notebook's later STORAGE_EMULATOR_HOST, say)."""
     global _TOKENIZER, _POLICY
+    os.environ.clear()
+    os.environ.update(env)
     if memory_mb > 0:
         import resource
 
@@ -78,16 +83,17 @@ def _init_child(memory_mb: int, tokenizer_dir: str, deid: tuple | None) -> None:
         _POLICY = None
 
 
-def _child_main(conn, memory_mb: int, tokenizer_dir: str, deid, work) -> None:
+def _child_main(conn, memory_mb: int, tokenizer_dir: str, deid, work, env: dict) -> None:
     """The child's loop: load once, then answer one request at a time until told to stop.
 
     Answers are ('done', value) or ('raise', exception): an exception (a transient I/O
     error, say) is re-raised in the parent, so Beam retries as if it ran in-process.
     """
     try:
-        _init_child(memory_mb, tokenizer_dir, deid)
-    except Exception as exc:  # one line, not a traceback; the parent sees the child end
-        print(f"ecgtok: the guarded process could not start: {exc!r}", file=sys.stderr)
+        _init_child(memory_mb, tokenizer_dir, deid, env)
+    except Exception as exc:  # the reason goes to the parent: one line, not a traceback
+        with contextlib.suppress(OSError):
+            conn.send(("failed", f"the guarded process could not start: {exc!r}"))
         return
     try:
         conn.send(("done", True))  # ready
@@ -127,13 +133,28 @@ def _tokenize_in_child(source_path: str, record_id: str, segment_s: float, extra
         return "error", (STAGE, "out_of_memory", "record needs more memory than allowed")
 
 
+def _forks(memory_mb: int) -> bool:
+    """Whether children with this address-space bound are forked from the forkserver."""
+    return memory_mb == 0 or memory_mb >= WARM_UP_MIN_MB
+
+
+def _context(memory_mb: int):
+    if not _forks(memory_mb):
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    # Read when the server starts (once per process); later calls change nothing.
+    ctx.set_forkserver_preload([PRELOAD_MODULE])
+    return ctx
+
+
 def _spawn_child(tokenizer_dir: str, memory_mb: int, deid: tuple | None, work) -> tuple:
-    """Start a child (it answers "ready" once loaded); returns (process, connection)."""
-    ctx = mp.get_context("spawn")
+    """Start a child (it answers "ready" once loaded); returns (process, connection).
+    The first forked child waits here until the forkserver has done its imports."""
+    ctx = _context(memory_mb)
     parent_conn, child_conn = ctx.Pipe(duplex=True)
     proc = ctx.Process(
         target=_child_main,
-        args=(child_conn, memory_mb, tokenizer_dir, deid, work),
+        args=(child_conn, memory_mb, tokenizer_dir, deid, work, dict(os.environ)),
         daemon=True,
     )
     proc.start()
@@ -141,27 +162,17 @@ def _spawn_child(tokenizer_dir: str, memory_mb: int, deid: tuple | None, work) -
     return proc, parent_conn
 
 
-def prestart(tokenizer_dir: str, memory_mb: int, deid: tuple | None, count: int) -> None:
-    """Start up to `count` children with these settings now, for later GuardedTokenizers.
+def prestart(memory_mb: int) -> bool:
+    """Start the forkserver now, without waiting for it, if children with this bound are
+    forked from it; returns whether it did. Its imports then run while the caller goes
+    on (the local launcher imports Beam meanwhile), and every child is forked warm."""
+    if not _forks(memory_mb):
+        return False
+    from multiprocessing import forkserver
 
-    `deid` is (key_file, carry_identifiers) or None, as a GuardedTokenizer holds it. Only
-    a GuardedTokenizer with exactly these settings and the default work takes one; the
-    rest are ended by `discard_prestarted` (or on their own when this process exits:
-    their pipe closes).
-    """
-    with _PRESTARTED_LOCK:
-        ready = _PRESTARTED.setdefault((tokenizer_dir, memory_mb, deid), [])
-        while len(ready) < count:
-            ready.append(_spawn_child(tokenizer_dir, memory_mb, deid, _tokenize_in_child))
-
-
-def discard_prestarted() -> None:
-    """End the pre-started children no GuardedTokenizer took."""
-    with _PRESTARTED_LOCK:
-        left = [child for ready in _PRESTARTED.values() for child in ready]
-        _PRESTARTED.clear()
-    for proc, conn in left:
-        _end(proc, conn)
+    _context(memory_mb)
+    forkserver.ensure_running()
+    return True
 
 
 def _end(proc, conn) -> None:
@@ -192,28 +203,11 @@ class GuardedTokenizer:
         if self._child is not None and self._child_work is not self._work:
             self._discard_child()  # the work function changed (tests): a new child
         if self._child is None:
-            proc, conn = self._prestarted() or _spawn_child(
-                self._tokenizer_dir, self._memory_mb, self._deid, self._work
-            )
+            proc, conn = _spawn_child(self._tokenizer_dir, self._memory_mb, self._deid, self._work)
             self._child, self._conn, self._child_work = proc, conn, self._work
             # Start-up (imports, tokenizer) must not eat into the first record's time.
             self._answer(STARTUP_TIMEOUT_S, "starting the guarded process")
         return self._conn
-
-    def _prestarted(self) -> tuple | None:
-        """A pre-started child with this guard's settings (see `prestart`), or None."""
-        if self._work is not _tokenize_in_child:
-            return None
-        key = (self._tokenizer_dir, self._memory_mb, self._deid)
-        while True:
-            with _PRESTARTED_LOCK:
-                ready = _PRESTARTED.get(key)
-                if not ready:
-                    return None
-                proc, conn = ready.pop()
-            if proc.is_alive():
-                return proc, conn
-            _end(proc, conn)  # it died waiting (killed, or failed to start): try the next
 
     def _answer(self, timeout_s: float, what: str):
         """The child's next answer, or a RecordError if it hangs or dies."""
@@ -232,6 +226,10 @@ class GuardedTokenizer:
             ) from None
         if kind == "raise":
             raise value
+        if kind == "failed":  # the child could not start (see _child_main)
+            self._discard_child()
+            print(f"ecgtok: {value}", file=sys.stderr)
+            raise RecordError(STAGE, "worker_crashed", value)
         return value
 
     def _discard_child(self) -> None:

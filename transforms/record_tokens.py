@@ -215,8 +215,8 @@ def warm_up() -> None:
     """Do now what a process's first record would do lazily: import SciPy's signal and
     ndimage (the detector, beat quality), wfdb's header grammar (wfdb imports pandas),
     the export readers, and limit BLAS to one thread. About 1.4 s on this project's 2-core
-    host; a guarded child started ahead of its first record (`transforms/isolation.py`)
-    pays it while the launcher is still starting the job, instead of on that record.
+    host; the forkserver of the guarded children (`transforms/_child_preload.py`) pays it
+    once, while the launcher is still starting the job, and every child inherits it.
     """
     # BLAS first, as `tokenize_record` does: SciPy's modules start OpenBLAS's threads
     # when they load, and under a tight --record_memory_mb those threads cannot start.
