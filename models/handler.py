@@ -7,8 +7,9 @@ It is Beam's `PytorchModelHandlerKeyedTensor`, with two changes that the model n
 * `run_inference` makes the batch's RR features in one go (`with_rr_features`: row by row
   they cost more than the model), and pads each batch, because records have different
   numbers of leads and beats and Beam's default inference function stacks equal-shaped
-  tensors only; it adds AF burden and episodes for long rows (`models.burden`, windows of
-  48 beats); and it refuses (`ArtifactError`) examples made from another tokenizer's
+  tensors only; it scores p_af of strips up to 96 beats as the mean over short runs of
+  beats where the model asks for it (`models.burden.windowed_p_af`), and adds AF burden
+  and episodes for long rows (`models.burden`, windows of 48 beats); and it refuses (`ArtifactError`) examples made from another tokenizer's
   token rows, whose word ids would mean nothing to this model.
 """
 
@@ -21,7 +22,7 @@ import torch
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.pytorch_inference import PytorchModelHandlerKeyedTensor
 
-from ecgtok.models.burden import burden_of_examples
+from ecgtok.models.burden import burden_of_examples, windowed_p_af
 from ecgtok.models.model import (
     WEIGHTS_FILE,
     EcgLM,
@@ -69,6 +70,8 @@ class EcgModelHandler(PytorchModelHandlerKeyedTensor):
             inputs = {k: v.to(device) for k, v in collate(batch).items()}
             out = model(**inputs)
         out = {k: v.float().cpu().numpy() for k, v in out.items()}
+        for i, p_af in windowed_p_af(model, batch, device).items():
+            out["p_af"][i] = p_af
         burden = burden_of_examples(model, batch, getattr(model, "p_af_threshold", 0.5), device)
         for i, example in enumerate(batch):
             inference = {k: v[i] for k, v in out.items()}

@@ -54,9 +54,13 @@ class EcgLM(nn.Module):
         shape_dim: int = 0,
         pool: str = "mean",
         rr_head: int = 0,
+        p_af_window: int = 0,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        # > 0: a row's p_af is the mean over its runs of this many beats (see
+        # models.burden.windowed_p_af); 0: the whole row, as forward() scores it.
+        self.p_af_window = int(p_af_window)
         self.heads = tuple(heads)
         self.word = nn.Embedding(vocab_size, d_model, padding_idx=PAD)
         self.lead = nn.Embedding(N_LEAD_IDS, d_model)

@@ -24,6 +24,7 @@ import sys
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
+from ecgtok.models.burden import P_AF_WINDOW
 from ecgtok.models.tokenizer import (
     DEFAULT_VIEW,
     Tokenizer,
@@ -671,16 +672,19 @@ def predict(model, rows: list[dict], batch: int = 64) -> dict[str, np.ndarray]:
     rows of fewer than MIN_BEATS_FOR_RHYTHM beats have no rhythm scores (NaN)."""
     import torch
 
+    from ecgtok.models.burden import windowed_p_af
     from ecgtok.models.model import MIN_BEATS_FOR_RHYTHM, RHYTHM_HEADS, collate, row_to_example
 
     model.eval()
     outs: dict[str, list] = {h: [] for h in model.heads}
     with torch.inference_mode():
         for i in range(0, len(rows), batch):
-            b = collate([row_to_example(r) for r in rows[i : i + batch]])
-            o = model(**b)
+            examples = [row_to_example(r) for r in rows[i : i + batch]]
+            o = {h: v.numpy() for h, v in model(**collate(examples)).items()}
+            for k, p_af in windowed_p_af(model, examples).items():  # as the job scores
+                o["p_af"][k] = p_af
             for h in model.heads:
-                outs[h].append(o[h].numpy())
+                outs[h].append(o[h])
     out = {h: np.concatenate(v) if v else np.zeros(0) for h, v in outs.items()}
     few = np.array([len(r["rhythm"]) < MIN_BEATS_FOR_RHYTHM for r in rows], dtype=bool)
     for h in RHYTHM_HEADS:
@@ -739,6 +743,13 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
     return ap
 
 
+def _beats(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {n}")
+    return n
+
+
 def _add_finetune_arguments(ap: argparse.ArgumentParser) -> None:
     """The fine-tuning flags `finetune` and `evaluate` share (read by _finetune_options)."""
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -748,6 +759,13 @@ def _add_finetune_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rr-head", type=int, default=None, help="see pretrain")
     ap.add_argument(
         "--soup", type=int, default=1, help="fine-tune this many times and average the weights"
+    )
+    ap.add_argument(
+        "--p-af-window",
+        type=_beats,
+        default=None,
+        help="score p_af of rows up to 96 beats as the mean over runs of this many beats "
+        f"(0: the whole row; default {P_AF_WINDOW} when fine-tuning, a --model's own)",
     )
 
 
@@ -850,6 +868,15 @@ def set_pool(model, config: dict, pool: str | None, rr_head: int | None = None):
     return model, config
 
 
+def set_p_af_window(model, config: dict, beats: int | None):
+    """How the model scores p_af (models.burden.windowed_p_af): `beats`, or left as it is
+    where None."""
+    if beats is None:
+        return model, config
+    model.p_af_window = int(beats)
+    return model, {**config, "arch": {**config["arch"], "p_af_window": int(beats)}}
+
+
 def finetune_main(argv: list[str]) -> int:
     from ecgtok.models.model import HEADS, load_model, save_model
 
@@ -866,6 +893,8 @@ def finetune_main(argv: list[str]) -> int:
     )
     args = ap.parse_args(argv)
     model, config = set_pool(*load_model(args.init), args.pool, args.rr_head)
+    window = P_AF_WINDOW if args.p_af_window is None else args.p_af_window
+    model, config = set_p_af_window(model, config, window)
     rows = load_token_rows(args.tokens)
     check_rows_tokenizer(rows, config["tokenizer_id"])
     labels = read_labels(args.labels, HEADS, args.split)
@@ -1040,6 +1069,8 @@ def evaluate_main(argv: list[str]) -> int:
     base_model, config = load_model(args.init or args.model)
     if args.init:
         base_model, config = set_pool(base_model, config, args.pool, args.rr_head)
+    window = P_AF_WINDOW if args.init and args.p_af_window is None else args.p_af_window
+    base_model, config = set_p_af_window(base_model, config, window)
     check_rows_tokenizer([r for r, _ in pairs], config["tokenizer_id"])
     fold = np.zeros(len(pairs), dtype=int)
     if args.model:

@@ -387,10 +387,10 @@ def test_run_inference_through_the_handler_matches_plain_torch():
     for name in ("A00001", "A00004", "A00005"):
         rows += tokenize_record(data_path("cinc2017_af", name + ".hea"), name, tok)
     model, cfg = load_model(default_model_dir())
-    with torch.inference_mode():
-        want = {
-            r["record_id"]: float(model(**collate([row_to_example(r)]))["p_af"][0]) for r in rows
-        }
+    from ecgtok.models.train import predict
+
+    # The evaluation command's scores (its p_af windows included) are the job's.
+    want = dict(zip([r["record_id"] for r in rows], predict(model, rows)["p_af"], strict=True))
 
     def check(results):
         got = {k: float(res.inference["p_af"]) for k, res in results}
@@ -409,6 +409,40 @@ def test_run_inference_through_the_handler_matches_plain_torch():
             | RunInference(handler)
         )
         assert_that(out, check)
+
+
+def test_p_af_of_a_strip_is_the_mean_over_its_runs_of_beats(tmp_path):
+    from ecgtok.models.burden import LONG_ROW_BEATS, windowed_p_af
+    from ecgtok.models.model import slice_beats
+    from ecgtok.models.train import predict, set_p_af_window
+
+    model, config = _tiny_model()
+    model.eval()
+    rng = np.random.default_rng(3)
+    rows = [_row(n, rng=rng) for n in (10, 24, 25, 60, LONG_ROW_BEATS, LONG_ROW_BEATS + 1)]
+    whole = predict(model, rows)["p_af"]
+    assert windowed_p_af(model, [row_to_example(r) for r in rows]) == {}  # off by default
+
+    model, config = set_p_af_window(model, config, 24)
+    got = predict(model, rows)["p_af"]
+    with torch.inference_mode():
+        for row, w, g in zip(rows, whole, got, strict=True):
+            ex, t = row_to_example(row), len(row["rhythm"])
+            if t <= 24 or t > LONG_ROW_BEATS:  # short rows and long rows: the whole row
+                assert g == pytest.approx(w, abs=1e-6)
+                continue
+            starts = list(range(0, t - 24 + 1, 12))
+            starts += [t - 24] if starts[-1] != t - 24 else []
+            runs = [
+                float(model(**collate([slice_beats(ex, s, s + 24)]))["p_af"][0]) for s in starts
+            ]
+            assert g == pytest.approx(np.mean(runs), abs=1e-5), t
+            assert g != pytest.approx(w, abs=1e-4)
+    # The setting travels with the artifact.
+    save_model(model, config, str(tmp_path))
+    back, back_config = load_model(str(tmp_path))
+    assert back.p_af_window == 24 and back_config["arch"]["p_af_window"] == 24
+    np.testing.assert_allclose(predict(back, rows)["p_af"], got, atol=1e-6)
 
 
 def test_model_tokenizer_check_names_both_ids():
