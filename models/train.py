@@ -1111,6 +1111,7 @@ def evaluate_main(argv: list[str]) -> int:
         "folds": args.folds if args.init else None,
         "split": args.split,
         "p_af_threshold": threshold,
+        "p_af_window": int(getattr(base_model, "p_af_window", 0)),
         "metrics": report(pairs, sources, preds, baselines, threshold),
         "p_af_calibration": calibration(y_af, preds["p_af"]),
     }

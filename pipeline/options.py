@@ -44,7 +44,9 @@ def local_runner(options: PipelineOptions):
 def _given(options: PipelineOptions, name: str) -> bool:
     """Whether the user set `name`, even to Beam's default value (`--direct_num_workers=1`
     and `--direct_running_mode=in_memory` are Beam's defaults, and must be kept).
-    `drop_default=True` alone drops those, so the argv Beam keeps is read too."""
+    `drop_default=True` alone drops those, so the argv Beam keeps is read too. (Options
+    built in code with a default value, `PipelineOptions(direct_num_workers=1)`, still read
+    as not given: Beam's views fill in every default, so they cannot be told apart.)"""
     if name in options.get_all_options(drop_default=True):
         return True
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)

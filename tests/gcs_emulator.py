@@ -6,7 +6,7 @@ the project knows about the emulator: pointing the environment at it is all it t
 
 Credentials: with no Application Default Credentials on a machine, Beam spends ~25 s per
 process retrying `google.auth.default()` before it settles on an anonymous client, and
-the pipeline reads records in spawned child processes, each paying that again. So the
+the pipeline reads records in guarded child processes, each paying that again. So the
 fixture also provides ADC the ordinary way, through `GOOGLE_APPLICATION_CREDENTIALS`: a
 service-account key made up on the spot whose `token_uri` is a tiny local token endpoint
 (also on 127.0.0.1). Every process, children included, finds credentials at once and

@@ -110,6 +110,42 @@ def test_children_are_forked_warm_from_one_forkserver_and_tokenize_as_in_process
     assert row["value"] == "set after the server started"
 
 
+def allocate_200_mb(*_args):
+    """A guard's work function: a record that needs 200 MB more."""
+    import numpy as np
+
+    return "ok", [{"value": float(np.ones(25_000_000).sum())}]
+
+
+def test_a_forked_child_has_its_bound_for_the_record_not_for_inherited_imports():
+    """The forkserver's imports must not eat a 1 GB bound (pyarrow's jemalloc alone would
+    reserve 1 GB of address space in every child; `_child_preload` asks for the system
+    allocator)."""
+    guard = GuardedTokenizer(default_tokenizer_dir(), 60, 1024, work=allocate_200_mb)
+    try:
+        (row,) = guard.tokenize("x", "x", 300.0, {})
+        with open(f"/proc/{guard._child.pid}/status") as f:
+            threads = [line for line in f if line.startswith("Threads:")]
+    finally:
+        guard.close()
+    assert row["value"] == 25_000_000.0
+    assert threads == ["Threads:\t1\n"]
+
+
+def test_records_of_a_child_that_cannot_start_become_error_rows_in_a_batch(tmp_path):
+    broken = str(tmp_path / "tok")
+    os.makedirs(broken)
+    guard = GuardedTokenizer(broken, 30, 0)
+    try:
+        requests = [(data_path(*RECORD), f"r{i}", 300.0, {}) for i in range(3)]
+        outcomes = list(guard.tokenize_many(requests))
+    finally:
+        guard.close()
+    assert [i for i, _ in outcomes] == [0, 1, 2]
+    for _, err in outcomes:
+        assert isinstance(err, isolation.RecordError) and "could not start" in err.message
+
+
 def test_under_a_tight_bound_children_are_spawned_not_forked_warm():
     assert not prestart(300)
     guard = GuardedTokenizer(default_tokenizer_dir(), 60, 300)

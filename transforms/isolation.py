@@ -20,6 +20,9 @@ two cores. `prestart` lets the local launcher start the forkserver before it imp
 Beam, on the core the launcher leaves idle. Children with an address-space bound under
 `WARM_UP_MIN_MB` are spawned fresh instead, and import lazily: under such a bound the
 imports themselves may not fit, and must fail a record (an error row), not the child.
+(Where the parent runs as `python -m module`, as Beam's own worker processes do under
+`multi_processing` or on Dataflow, each child re-runs that module as `__mp_main__`, as a
+spawned child did: a start there is not milliseconds.)
 
 Why a bare pipe and not `concurrent.futures.ProcessPoolExecutor` (which this used
 first): the executor moves every call through a queue-management thread and a feeder
@@ -49,6 +52,9 @@ PIPELINE_DEPTH = 32
 # record's error row, not on the child's start.
 WARM_UP_MIN_MB = 1024
 PRELOAD_MODULE = "ecgtok.transforms._child_preload"
+# Set by PRELOAD_MODULE in the server before its imports; a forked child keeps them unless
+# the parent sets them itself (libraries may read them again after the fork).
+_SERVER_ENV = ("OPENBLAS_NUM_THREADS", "ARROW_DEFAULT_MEMORY_POOL", "JE_ARROW_MALLOC_CONF")
 _TOKENIZER = None
 _POLICY = None
 
@@ -60,7 +66,9 @@ def _init_child(memory_mb: int, tokenizer_dir: str, deid: tuple | None, env: dic
     otherwise see the forkserver's, as it was when the server started (a test's or a
     notebook's later STORAGE_EMULATOR_HOST, say)."""
     global _TOKENIZER, _POLICY
+    server = {k: os.environ[k] for k in _SERVER_ENV if k in os.environ}
     os.environ.clear()
+    os.environ.update(server)
     os.environ.update(env)
     if memory_mb > 0:
         import resource
@@ -262,7 +270,12 @@ class GuardedTokenizer:
             self._discard_child()
         pending = list(enumerate(requests))
         while pending:
-            sent = self._send_all(pending)
+            try:
+                sent = self._send_all(pending)
+            except RecordError as err:  # no child could start: each record says why
+                for index, _ in pending:
+                    yield index, err
+                return
             for k, (index, _) in enumerate(pending[:sent]):
                 try:
                     status, value = self._answer(self._timeout_s, "processing")
