@@ -59,12 +59,25 @@ def _whole_row(ex: dict) -> dict | None:
     return whole
 
 
-def burden_of_examples(model, examples: list[dict], threshold: float, device=None) -> dict:
-    """{index: af_burden() result} for the examples marked by `mark_for_burden`: their
-    windows scored in forward passes of up to WINDOW_CHUNK windows."""
+def p_af_of_windows(model, parts: list[dict], device=None) -> np.ndarray:
+    """p_af of each window example, in forward passes of up to WINDOW_CHUNK windows (which
+    bounds memory for hour-long rows)."""
     import torch
 
     from ecgtok.models.model import collate
+
+    p = []
+    with torch.inference_mode():
+        for lo in range(0, len(parts), WINDOW_CHUNK):
+            batch = collate(parts[lo : lo + WINDOW_CHUNK])
+            inputs = {k: v.to(device) if device else v for k, v in batch.items()}
+            p.append(model(**inputs)["p_af"].float().cpu().numpy())
+    return np.concatenate(p)
+
+
+def burden_of_examples(model, examples: list[dict], threshold: float, device=None) -> dict:
+    """{index: af_burden() result} for the examples marked by `mark_for_burden`: their
+    windows scored in forward passes of up to WINDOW_CHUNK windows."""
 
     owners, spans, parts = [], [], []
     wholes = {i: _whole_row(ex) for i, ex in enumerate(examples)}
@@ -77,13 +90,7 @@ def burden_of_examples(model, examples: list[dict], threshold: float, device=Non
         parts += pa_
     if not parts:
         return {}
-    p = []
-    with torch.inference_mode():
-        for lo in range(0, len(parts), WINDOW_CHUNK):
-            batch = collate(parts[lo : lo + WINDOW_CHUNK])
-            inputs = {k: v.to(device) if device else v for k, v in batch.items()}
-            p.append(model(**inputs)["p_af"].float().cpu().numpy())
-    p = np.concatenate(p)
+    p = p_af_of_windows(model, parts, device)
     windows: dict[int, list] = {}
     for i, (s, e), q in zip(owners, spans, p, strict=True):
         windows.setdefault(i, []).append((s, e, float(q)))
@@ -107,9 +114,6 @@ def windowed_p_af(model, examples: list[dict], device=None) -> dict[int, float]:
     whole-row p_af, which their max pooling keeps sensitive to a short episode; their
     windows give af_burden and af_episodes instead (`burden_of_examples`).
     """
-    import torch
-
-    from ecgtok.models.model import collate
 
     w = int(getattr(model, "p_af_window", 0) or 0)
     if w <= 0:
@@ -123,10 +127,7 @@ def windowed_p_af(model, examples: list[dict], device=None) -> dict[int, float]:
             parts += pa_
     if not parts:
         return {}
-    with torch.inference_mode():
-        batch = collate(parts)
-        inputs = {k: v.to(device) if device else v for k, v in batch.items()}
-        p = model(**inputs)["p_af"].float().cpu().numpy().astype(np.float64)
+    p = p_af_of_windows(model, parts, device).astype(np.float64)
     sums = np.bincount(owners, weights=p)
     counts = np.bincount(owners)
     return {i: float(sums[i] / counts[i]) for i in sorted(set(owners))}
@@ -159,16 +160,13 @@ def score_windows(
     model, row: dict, window_beats: int = WINDOW_BEATS, step_beats: int = STEP_BEATS
 ) -> list:
     """p_af of each run of `window_beats` beats of a token row: [(first, end, p_af)]."""
-    import torch
-
-    from ecgtok.models.model import collate, row_to_example
+    from ecgtok.models.model import row_to_example
 
     spans, parts = window_examples(row_to_example(row, max_beats=10**9), window_beats, step_beats)
     if not parts:
         return []
     model.eval()
-    with torch.inference_mode():
-        p = model(**collate(parts))["p_af"].numpy()
+    p = p_af_of_windows(model, parts)
     return [(s, e, float(q)) for (s, e), q in zip(spans, p, strict=True)]
 
 

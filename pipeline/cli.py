@@ -74,11 +74,7 @@ def _prestart_children(command: str, argv: list[str]) -> None:
 
 
 def _run_job(command: str, argv: list[str]) -> int:
-    _prestart_children(command, argv)
-    return _run_started_job(command, argv)
-
-
-def _run_started_job(command: str, argv: list[str]) -> int:
+    _prestart_children(command, argv)  # first: the imports below bring in Beam
     from ecgtok.models.tokenizer import ArtifactError
     from ecgtok.pipeline.discovery import SourceError
     from ecgtok.pipeline.outputs import OutputError

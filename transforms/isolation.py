@@ -78,7 +78,7 @@ def _init_child(memory_mb: int, tokenizer_dir: str, deid: tuple | None, env: dic
     from ecgtok.models.tokenizer import Tokenizer
 
     _TOKENIZER = Tokenizer.load(tokenizer_dir)
-    if memory_mb == 0 or memory_mb >= WARM_UP_MIN_MB:
+    if _forks(memory_mb):  # has the server's imports: this only redoes any that failed there
         from ecgtok.transforms.record_tokens import warm_up
 
         with contextlib.suppress(Exception):  # whatever fails here fails again on a record
