@@ -78,7 +78,6 @@ def p_af_of_windows(model, parts: list[dict], device=None) -> np.ndarray:
 def burden_of_examples(model, examples: list[dict], threshold: float, device=None) -> dict:
     """{index: af_burden() result} for the examples marked by `mark_for_burden`: their
     windows scored in forward passes of up to WINDOW_CHUNK windows."""
-
     owners, spans, parts = [], [], []
     wholes = {i: _whole_row(ex) for i, ex in enumerate(examples)}
     for i, whole in wholes.items():
@@ -114,7 +113,6 @@ def windowed_p_af(model, examples: list[dict], device=None) -> dict[int, float]:
     whole-row p_af, which their max pooling keeps sensitive to a short episode; their
     windows give af_burden and af_episodes instead (`burden_of_examples`).
     """
-
     w = int(getattr(model, "p_af_window", 0) or 0)
     if w <= 0:
         return {}

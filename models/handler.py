@@ -9,8 +9,9 @@ It is Beam's `PytorchModelHandlerKeyedTensor`, with two changes that the model n
   numbers of leads and beats and Beam's default inference function stacks equal-shaped
   tensors only; it scores p_af of strips up to 96 beats as the mean over short runs of
   beats where the model asks for it (`models.burden.windowed_p_af`), and adds AF burden
-  and episodes for long rows (`models.burden`, windows of 48 beats); and it refuses (`ArtifactError`) examples made from another tokenizer's
-  token rows, whose word ids would mean nothing to this model.
+  and episodes for long rows (`models.burden`, windows of 48 beats); and it refuses
+  (`ArtifactError`) examples made from another tokenizer's token rows, whose word ids
+  would mean nothing to this model.
 """
 
 from __future__ import annotations

@@ -155,9 +155,10 @@ def _context(memory_mb: int):
     return ctx
 
 
-def _spawn_child(tokenizer_dir: str, memory_mb: int, deid: tuple | None, work) -> tuple:
-    """Start a child (it answers "ready" once loaded); returns (process, connection).
-    The first forked child waits here until the forkserver has done its imports."""
+def _start_child(tokenizer_dir: str, memory_mb: int, deid: tuple | None, work) -> tuple:
+    """Start a child, forked from the forkserver or spawned (see `_forks`); it answers
+    "ready" once loaded. Returns (process, connection). The first forked child waits here
+    until the forkserver has done its imports."""
     ctx = _context(memory_mb)
     parent_conn, child_conn = ctx.Pipe(duplex=True)
     proc = ctx.Process(
@@ -211,7 +212,7 @@ class GuardedTokenizer:
         if self._child is not None and self._child_work is not self._work:
             self._discard_child()  # the work function changed (tests): a new child
         if self._child is None:
-            proc, conn = _spawn_child(self._tokenizer_dir, self._memory_mb, self._deid, self._work)
+            proc, conn = _start_child(self._tokenizer_dir, self._memory_mb, self._deid, self._work)
             self._child, self._conn, self._child_work = proc, conn, self._work
             # Start-up (imports, tokenizer) must not eat into the first record's time.
             self._answer(STARTUP_TIMEOUT_S, "starting the guarded process")
