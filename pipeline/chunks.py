@@ -22,11 +22,12 @@ from collections.abc import Callable
 from apache_beam.io.filesystems import FileSystems
 
 from ecgtok.pipeline import outputs
-from ecgtok.pipeline.discovery import DeidSettings, RecordRef, discover
+from ecgtok.pipeline.discovery import DeidSettings, RecordRef, discover, write_listing
 
 DEFAULT_CHUNK_RECORDS = 20_000
 PLAN = "plan.json"
 DONE = "_DONE"
+LISTING = "records.jsonl"  # the chunk's records, which its job reads (see write_listing)
 
 
 class ResumeError(ValueError):
@@ -70,10 +71,11 @@ def run_chunks(
     mode: str,
     chunk_records: int,
     resume: bool,
-    run_one: Callable[[list[RecordRef], str], object],
+    run_one: Callable[[str, str], object],
     deid: DeidSettings | None = None,
 ) -> tuple[list[object], int, int]:
-    """Run every unfinished chunk with `run_one(refs, out_dir)`.
+    """Run every unfinished chunk with `run_one(listing, out_dir)`, where `listing` is
+    the file in `out_dir` that lists the chunk's records.
 
     Returns (pipeline results of the chunks run now, records discovered, chunks skipped).
     """
@@ -99,7 +101,9 @@ def run_chunks(
         if stale:  # a chunk the killed run did not finish: start it again, clean
             FileSystems.delete(stale)
         chunk = refs[index * chunk_records : (index + 1) * chunk_records]
-        results.append(run_one(chunk, out))
+        listing = outputs.join(out, LISTING)
+        write_listing(listing, chunk)
+        results.append(run_one(listing, out))
         outputs.write_json(outputs.join(out, DONE), {"records": len(chunk)})
     return results, len(refs), skipped
 

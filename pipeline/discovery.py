@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import posixpath
 import re
@@ -61,6 +62,30 @@ class RecordRef:
     @property
     def public_path(self) -> str:
         return self.display_path or self.source_path
+
+
+def write_listing(path: str, refs: list[RecordRef]) -> None:
+    """Write records as JSON lines, for a job to read back with `read_listing`.
+
+    A chunk of a local run hands its records to the job this way instead of embedding
+    them in the graph: Beam pickles and bz2-compresses a `Create`'s values each time it
+    serialises the graph or builds a bundle processor (about 1.7 s of the launcher's
+    CPU, before any record is read, for a chunk of 11,000 records).
+    """
+    lines = [
+        json.dumps([r.record_id, r.source_path, r.extra, r.display_path], ensure_ascii=False)
+        for r in refs
+    ]
+    with FileSystems.create(path, mime_type="application/x-ndjson") as f:
+        f.write(("\n".join(lines) + "\n").encode())
+
+
+def read_listing(path: str) -> Iterator[RecordRef]:
+    """The records `write_listing` wrote, in order."""
+    for line in _read_text(path, limit=None).splitlines():
+        if line:
+            record_id, source_path, extra, display_path = json.loads(line)
+            yield RecordRef(record_id, source_path, extra, display_path)
 
 
 @dataclass(frozen=True)

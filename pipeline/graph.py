@@ -39,15 +39,16 @@ class JobConfig:
     device: str = "auto"
     batch_size: int = 64
     limits: RecordLimits = field(default_factory=RecordLimits)
-    # Records listed by the launcher (chunked local runs); None: discover in the job.
-    refs: list | None = None
+    # A file of records listed by the launcher (a chunk of a local run, see
+    # discovery.write_listing); None: discover in the job.
+    listing: str | None = None
     deid: DeidSettings = field(default_factory=DeidSettings)
 
 
 def build_tokenize(p: beam.Pipeline, cfg: JobConfig):
     """discover -> read -> find beats -> tokenize -> tokens/ and errors/. Returns token rows."""
     meta = {"ecgtok_tokenizer_id": cfg.tokenizer_id, "ecgtok_version": __version__}
-    refs = p | "DiscoverRecords" >> DiscoverRecords(cfg.input, cfg.refs, cfg.deid)
+    refs = p | "DiscoverRecords" >> DiscoverRecords(cfg.input, cfg.listing, cfg.deid)
     result = refs | "TokenizeRecords" >> TokenizeRecords(
         cfg.tokenizer_dir, cfg.segment_s, cfg.extra_columns, cfg.limits, cfg.deid
     )

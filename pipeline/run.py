@@ -294,10 +294,10 @@ def run_job(argv: list[str], mode: str = RUN, test_pipeline=None) -> JobOutcome:
     runner_name = ""
     extra_counts: dict = {}
 
-    def run_one(refs, out_dir: str):
+    def run_one(listing: str | None, out_dir: str):
         nonlocal runner_name
         p, runner_name = _make_pipeline(options, test_pipeline)
-        _BUILDERS[mode](p, dataclasses.replace(cfg, output=out_dir, refs=refs))
+        _BUILDERS[mode](p, dataclasses.replace(cfg, output=out_dir, listing=listing))
         result = p.run()
         result.wait_until_finish()
         return result

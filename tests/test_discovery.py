@@ -7,7 +7,15 @@ import shutil
 
 import pytest
 
-from ecgtok.pipeline.discovery import SourceError, check_source, discover, manifest_columns
+from ecgtok.pipeline.discovery import (
+    RecordRef,
+    SourceError,
+    check_source,
+    discover,
+    manifest_columns,
+    read_listing,
+    write_listing,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.abspath(os.path.join(REPO, os.environ.get("ECGTOK_DATA", "../shared/data")))
@@ -168,6 +176,21 @@ def test_manifest_carries_columns(tmp_path):
     assert refs[0].extra == {"label": "AF", "site": "x"}
     assert refs[1].source_path == os.path.join(str(tmp_path), "d/r2.hea")
     assert manifest_columns(str(tmp_path / "m.csv")) == ["label", "site"]
+
+
+def test_a_listing_gives_back_the_records_it_was_given(tmp_path):
+    # A chunk's job reads its records from this file, so every field must come back.
+    refs = [
+        RecordRef("d/r1", "/a/d/r1.hea", {"label": "AF", "site": "Zürich"}),
+        RecordRef("exports/x", "/a/MUSE 001.xml", {}, "pseudonym/7f3a"),
+    ]
+    path = str(tmp_path / "records.jsonl")
+    write_listing(path, refs)
+    back = list(read_listing(path))
+    assert back == refs
+    assert [(r.extra, r.display_path) for r in back] == [(r.extra, r.display_path) for r in refs]
+    write_listing(path, [])
+    assert list(read_listing(path)) == []
 
 
 def test_check_source(tmp_path):

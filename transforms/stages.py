@@ -18,7 +18,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 
-from ecgtok.pipeline.discovery import DeidSettings, RecordRef, discover
+from ecgtok.pipeline.discovery import DeidSettings, RecordRef, discover, read_listing
 from ecgtok.transforms.errors import TRANSIENT_ERRORS, RecordError
 from ecgtok.transforms.schemas import extra_field_names
 
@@ -40,14 +40,15 @@ def error_row(ref: RecordRef, stage: str, error_type: str, message: str) -> dict
 
 
 class DiscoverRecords(beam.PTransform):
-    """SRC -> RecordRef for every record, spread over workers."""
+    """SRC -> RecordRef for every record, spread over workers. With `listing`, the
+    records are those that file lists (`discovery.write_listing`), SRC is not listed again."""
 
     def __init__(
-        self, src: str, refs: list[RecordRef] | None = None, deid: DeidSettings | None = None
+        self, src: str, listing: str | None = None, deid: DeidSettings | None = None
     ) -> None:
         super().__init__()
         self._src = src
-        self._refs = refs
+        self._listing = listing
         self._deid = deid
 
     def expand(self, pbegin):
@@ -57,9 +58,12 @@ class DiscoverRecords(beam.PTransform):
             counter.inc()
             return ref
 
-        if self._refs is not None:  # already listed by the launcher (a chunk of a long run)
-            # No reshuffle of Create's own: "Spread" below redistributes the records once.
-            found = pbegin | "Records" >> beam.Create(self._refs, reshuffle=False)
+        if self._listing is not None:  # listed by the launcher (a chunk of a long run)
+            found = (
+                pbegin
+                | "Listing" >> beam.Create([self._listing])
+                | "ReadListing" >> beam.FlatMap(read_listing)
+            )
         else:
             found = (
                 pbegin
