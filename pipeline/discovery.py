@@ -44,6 +44,15 @@ def _io_pool() -> ThreadPoolExecutor:
     return _POOL
 
 
+def _map_reads(fn, paths: list[str]) -> list:
+    """`fn` over paths: on the reader threads for remote files, in this thread for local
+    ones, whose small reads take microseconds while handing each to a thread costs more
+    (11,000 local headers: 0.37 s in one thread, 1.1-1.6 s through the pool)."""
+    if paths and is_remote(paths[0]):
+        return list(_io_pool().map(fn, paths))
+    return [fn(p) for p in paths]
+
+
 class SourceError(ValueError):
     """The --input cannot be used at all (a user mistake, reported in one line)."""
 
@@ -182,7 +191,7 @@ def _confirmed_exports(paths: list[str]) -> list[str]:
     xml = [p for p in paths if p.lower().endswith(".xml")]
     if not xml:
         return sorted(paths)
-    verdicts = dict(zip(xml, _io_pool().map(keep, xml)))
+    verdicts = dict(zip(xml, _map_reads(keep, xml)))
     return sorted(p for p in paths if verdicts.get(p, True))
 
 
@@ -275,7 +284,7 @@ def _default_rule(folder_files: list[str]) -> list[str]:
     candidates = [h for h in headers if not _stem(h).endswith("_layout")]
     edfs = [f for f in folder_files if f.lower().endswith(".edf") and _stem(f) not in header_stems]
     if len(candidates) >= 2:
-        texts = list(_io_pool().map(lambda h: _read_text(h, 1 << 20), candidates))
+        texts = _map_reads(lambda h: _read_text(h, 1 << 20), candidates)
         segments: set[str] = set()
         for text in texts:
             segments.update(_segment_names(text))
