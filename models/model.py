@@ -55,9 +55,18 @@ class EcgLM(nn.Module):
         pool: str = "mean",
         rr_head: int = 0,
         p_af_window: int = 0,
+        flip_single_lead: bool = False,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
+        # Single-lead rows are scored as they are and with every word replaced by its
+        # polarity-inverted word (`flip_ids`, Tokenizer.inversion_map), and the two
+        # averaged: a handheld single-lead device held the other way records the lead
+        # upside down (about 23% of CinC 2017's AliveCor recordings have negative R waves).
+        # Fine-tuning flips single-lead crops half the time, so both readings are familiar.
+        self.flip_single_lead = bool(flip_single_lead)
+        if self.flip_single_lead:
+            self.register_buffer("flip_ids", torch.arange(vocab_size))
         # > 0: a row's p_af is the mean over its runs of this many beats (see
         # models.burden.windowed_p_af); 0: the whole row, as forward() scores it.
         self.p_af_window = int(p_af_window)
@@ -159,6 +168,10 @@ class EcgLM(nn.Module):
         s = torch.as_tensor(np.asarray(shapes, dtype=np.float32))
         self.shapes.copy_(s / s.std().clamp(min=1e-6))
 
+    def set_flip_map(self, inversion: np.ndarray) -> None:
+        """Store the polarity-inversion word map (see `flip_single_lead`)."""
+        self.flip_ids.copy_(torch.as_tensor(np.asarray(inversion, dtype=np.int64)))
+
     def forward(
         self,
         words: torch.Tensor,
@@ -167,6 +180,32 @@ class EcgLM(nn.Module):
         rr: torch.Tensor | None = None,
         atrial: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        out = self._heads(words, rhythm, leads, rr, atrial)
+        if self.flip_single_lead and not self.training:
+            out = self._average_with_flipped(out, words, rhythm, leads, rr, atrial)
+        return out
+
+    def _average_with_flipped(self, out, words, rhythm, leads, rr, atrial):
+        """`out` with its single-lead rows averaged with their polarity-inverted reading."""
+        single = ((leads >= 0).sum(1) == 1).nonzero().squeeze(1)
+        if single.numel() == 0:
+            return out
+        f = self.flip_ids
+        flipped = self._heads(
+            f[words[single]],
+            rhythm[single],
+            leads[single],
+            None if rr is None else rr[single],
+            None if atrial is None else f[atrial[single]],
+        )
+        averaged = {}
+        for key, value in out.items():
+            value = value.clone()
+            value[single] = (value[single] + flipped[key]) / 2
+            averaged[key] = value
+        return averaged
+
+    def _heads(self, words, rhythm, leads, rr=None, atrial=None) -> dict[str, torch.Tensor]:
         h, mask = self.encode(words, rhythm, leads, rr, atrial)
         m = mask.float()[:, :, None]
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)

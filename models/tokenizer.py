@@ -266,6 +266,24 @@ class Tokenizer:
             out[valid] = self.atrial_codebook[k[valid]]
         return out
 
+    def inversion_map(self) -> np.ndarray:
+        """(vocab_size,) int64: each morphology and atrial word -> the word nearest its
+        negated centroid, every other id -> itself. A lead recorded upside down (a
+        handheld device held the other way) has exactly negated windows, since the view
+        aligns on |x| and scales by energy or peak-to-peak, so this map is what
+        tokenizing the inverted lead gives, up to the codebook's resolution."""
+        inv = np.arange(self.vocab_size, dtype=np.int64)
+        k = self.codebook.shape[0]
+        inv[self.morph_offset : self.morph_offset + k] = (
+            self.assign(-np.asarray(self.codebook, dtype=np.float32)) + self.morph_offset
+        )
+        if self.atrial_codebook is not None:
+            a = self.atrial_offset
+            inv[a : a + self.atrial_size] = (
+                self.assign_atrial(-np.asarray(self.atrial_codebook, dtype=np.float32)) + a
+            )
+        return inv
+
     # ---- artifact -------------------------------------------------------------------
     def save(self, folder: str) -> str:
         from apache_beam.io.filesystems import FileSystems

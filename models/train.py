@@ -553,6 +553,39 @@ def _lead_dropout(example: dict, rng: np.random.Generator) -> dict:
     return select_leads(example, keep)
 
 
+def _maybe_flip(example: dict, rng: np.random.Generator, flip_ids) -> dict:
+    """Single-lead examples, half the time: every word replaced by its polarity-inverted
+    word (the lead as a device held the other way records it; see EcgLM.flip_single_lead)."""
+    if flip_ids is None or example["leads"].shape[0] != 1 or rng.random() < 0.5:
+        return example
+    out = dict(example)
+    for key in ("words", "atrial"):
+        if key in out:
+            out[key] = flip_ids[out[key]]
+    return out
+
+
+def set_flip_single_lead(model, config: dict, on: bool, tokenizer_dir: str | None = None):
+    """Turn on the single-lead polarity flip (training and scoring) with the inversion map
+    of the model's tokenizer; a model that already has it keeps it."""
+    import torch
+
+    from ecgtok.pipeline.flags import default_tokenizer_dir
+
+    if not on or model.flip_single_lead:
+        return model, config
+    tok = Tokenizer.load(tokenizer_dir or default_tokenizer_dir())
+    if tok.tokenizer_id != config["tokenizer_id"]:
+        raise SystemExit(
+            f"ecgtok: error: the model expects tokenizer {config['tokenizer_id']}, "
+            f"--tokenizer is {tok.tokenizer_id}"
+        )
+    model.flip_single_lead = True
+    model.register_buffer("flip_ids", torch.arange(model.vocab_size))
+    model.set_flip_map(tok.inversion_map())
+    return model, {**config, "arch": {**config["arch"], "flip_single_lead": True}}
+
+
 def labelled(rows: list[dict], labels: dict) -> list[tuple[dict, dict]]:
     """(row, labels) pairs: a segment label first, else the record's label."""
     out = []
@@ -629,6 +662,7 @@ def finetune_once(
     _set_threads()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
+    flip_ids = model.flip_ids if getattr(model, "flip_single_lead", False) else None
     data = []
     for row, y in pairs:
         # Fractions near 0 or 1 (segments almost wholly in or out of AF) become hard labels;
@@ -647,7 +681,8 @@ def finetune_once(
         for idx in _batches(len(data), 32, rng):
             exs = []
             for i in idx:
-                exs.append(_lead_dropout(_crop(data[i][0], rng, max_beats, min_beats), rng))
+                ex = _lead_dropout(_crop(data[i][0], rng, max_beats, min_beats), rng)
+                exs.append(_maybe_flip(ex, rng, flip_ids))
             b = collate(exs)
             y = torch.from_numpy(np.stack([data[i][1] for i in idx]))
             out = model(**b)
@@ -759,6 +794,12 @@ def _add_finetune_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rr-head", type=int, default=None, help="see pretrain")
     ap.add_argument(
         "--soup", type=int, default=1, help="fine-tune this many times and average the weights"
+    )
+    ap.add_argument(
+        "--flip-single-lead",
+        action="store_true",
+        help="train and score single-lead rows as they are and polarity-inverted (a "
+        "handheld lead held the other way)",
     )
     ap.add_argument(
         "--p-af-window",
@@ -895,6 +936,7 @@ def finetune_main(argv: list[str]) -> int:
     model, config = set_pool(*load_model(args.init), args.pool, args.rr_head)
     window = P_AF_WINDOW if args.p_af_window is None else args.p_af_window
     model, config = set_p_af_window(model, config, window)
+    model, config = set_flip_single_lead(model, config, args.flip_single_lead, args.tokenizer)
     rows = load_token_rows(args.tokens)
     check_rows_tokenizer(rows, config["tokenizer_id"])
     labels = read_labels(args.labels, HEADS, args.split)
@@ -914,6 +956,7 @@ def finetune_main(argv: list[str]) -> int:
             "min_crop": args.min_crop,
             "seed": args.seed,
             "soup": args.soup,
+            "flip_single_lead": args.flip_single_lead,
         },
     )
     print(json.dumps({"model_id": save_model(model, config, args.output), "rows": len(pairs)}))
@@ -1071,6 +1114,8 @@ def evaluate_main(argv: list[str]) -> int:
         base_model, config = set_pool(base_model, config, args.pool, args.rr_head)
     window = P_AF_WINDOW if args.init and args.p_af_window is None else args.p_af_window
     base_model, config = set_p_af_window(base_model, config, window)
+    if args.init:
+        base_model, config = set_flip_single_lead(base_model, config, args.flip_single_lead)
     check_rows_tokenizer([r for r, _ in pairs], config["tokenizer_id"])
     fold = np.zeros(len(pairs), dtype=int)
     if args.model:

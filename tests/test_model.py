@@ -196,6 +196,48 @@ def test_a_soup_is_the_mean_of_its_fine_tuned_runs():
     assert not torch.equal(a, b)  # two seeds, two different runs
 
 
+def test_flip_single_lead_averages_single_lead_rows_with_their_inverted_words(tmp_path):
+    """With `flip_single_lead`, a 1-lead row scores as the mean of its reading and its
+    reading through the inversion map; multi-lead rows are untouched; the map and the
+    setting survive save and load."""
+    from ecgtok.models.train import _maybe_flip
+
+    model, config = _tiny_model()
+    plain = collate([row_to_example(_row()), row_to_example(_row(7, ("V1",)))])
+    model.eval()
+    with torch.inference_mode():
+        before = model(**plain)
+    inv = np.arange(40)
+    inv[22:40] = inv[22:40][::-1]  # any map of the word ids
+    model.flip_single_lead = True
+    model.register_buffer("flip_ids", torch.arange(40))
+    model.set_flip_map(inv)
+    config = {**config, "arch": {**config["arch"], "flip_single_lead": True}}
+    flipped = dict(plain, words=torch.as_tensor(inv)[plain["words"]])
+    with torch.inference_mode():
+        after = model(**plain)
+        model.flip_single_lead = False
+        inverted = model(**flipped)
+        model.flip_single_lead = True
+    for h in (*HEADS, "embedding"):
+        torch.testing.assert_close(after[h][0], before[h][0])  # 2 leads: as before
+        torch.testing.assert_close(after[h][1], (before[h][1] + inverted[h][1]) / 2)
+    assert not torch.allclose(after["p_af"][1], before["p_af"][1])
+    save_model(model, config, str(tmp_path))
+    back, cfg = load_model(str(tmp_path))
+    assert cfg["arch"]["flip_single_lead"] and back.flip_single_lead
+    _assert_same_outputs(model, back)
+    # training: single-lead crops are flipped about half the time, multi-lead never
+    rng = np.random.default_rng(0)
+    one, two = row_to_example(_row(7, ("V1",))), row_to_example(_row())
+    flips = [
+        not torch.equal(_maybe_flip(one, rng, model.flip_ids)["words"], one["words"])
+        for _ in range(200)
+    ]
+    assert 0.35 < np.mean(flips) < 0.65
+    assert all(_maybe_flip(two, rng, model.flip_ids) is two for _ in range(20))
+
+
 def test_evaluation_subgroups_by_sex_and_age_where_known():
     from ecgtok.models.train import subgroups
 

@@ -303,3 +303,31 @@ def test_window_median_is_np_median_bit_for_bit():
         assert got.dtype == want.dtype
         np.testing.assert_array_equal(got, want)
         np.testing.assert_array_equal(np.signbit(got), np.signbit(want))
+
+
+def test_inversion_map_gives_the_words_of_a_lead_recorded_upside_down():
+    """A real AliveCor lead and the same lead negated (the device held the other way):
+    each word mapped by `inversion_map` has about the waveform of the word the negated
+    lead actually gets, for morphology and atrial words alike."""
+    import wfdb
+
+    from ecgtok.transforms.qrs import detect_r_peaks
+
+    tok = Tokenizer.load(default_tokenizer_dir())
+    inv = tok.inversion_map()
+    assert inv.shape == (tok.vocab_size,)
+    assert np.array_equal(inv[: tok.morph_offset], np.arange(tok.morph_offset))  # specials
+    rec = wfdb.rdrecord(data_path("cinc2017_af", "A00005.hea")[: -len(".hea")])
+    x = rec.p_signal.astype(np.float32)
+    r = detect_r_peaks(x, rec.fs)
+    assert np.array_equal(r, detect_r_peaks(-x, rec.fs))
+    words, _, atrial = tok.encode_beats(x, rec.fs, r)
+    words_neg, _, atrial_neg = tok.encode_beats(-x, rec.fs, r)
+    ok = (words >= tok.morph_offset) & (words_neg >= tok.morph_offset)
+    assert ok.sum() > 50
+    mapped, actual = tok.decode(inv[words[ok]]), tok.decode(words_neg[ok])
+    assert np.median(T.pearson_r(mapped, actual)) > 0.9
+    assert np.median(T.pearson_r(tok.decode(words[ok]), actual)) < -0.9  # the words change
+    ok = (atrial >= tok.atrial_offset) & (atrial_neg >= tok.atrial_offset)
+    mapped, actual = tok.decode_atrial(inv[atrial[ok]]), tok.decode_atrial(atrial_neg[ok])
+    assert np.median(T.pearson_r(mapped, actual)) > 0.85
