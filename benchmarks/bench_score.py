@@ -1,6 +1,7 @@
 """Scoring throughput on CPU: the job's scoring stage (Beam RunInference) vs plain torch loops.
 
     .venv/bin/python benchmarks/bench_score.py [--records 4096] [--model DIR] [--data DIR]
+                                               [--single-lead 300]
 
 Inputs are real 10 s 12-lead records (CinC 2021, 500 Hz) tokenized with the model's
 tokenizer, repeated to `--records` rows. In one run it times:
@@ -22,6 +23,10 @@ tokenizer, repeated to `--records` rows. In one run it times:
 The rows do not come from `beam.Create(rows)`: its in-memory source costs about 9 ms per
 12-lead token row on the FnApiRunner (110 rows/s with an identity Map), which no real job
 pays, and it would hide the stage being measured.
+
+`--single-lead N` adds the model-only rate (batch 64) on N single-lead CinC 2017 rows,
+read once and, as a model with `flip_single_lead` scores them, both ways up: the cost of
+the polarity flip.
 
 Rates are rows (records) per second. Torch runs with as many threads as cores.
 """
@@ -50,6 +55,23 @@ def _rows(data: str, tok, n: int) -> list[dict]:
         rid = os.path.splitext(os.path.basename(h))[0]
         base += tokenize_record(h, rid, tok)
     return [dict(base[i % len(base)], record_id=f"r{i}") for i in range(n)]
+
+
+def _single_lead_rates(data: str, tok, model, n: int) -> dict:
+    """Model-only rows/s at batch 64 on n CinC 2017 rows, with and without the flip."""
+    from ecgtok.models.model import row_to_example
+    from ecgtok.transforms.record_tokens import tokenize_record
+
+    heads = sorted(glob.glob(os.path.join(data, "cinc2017_af", "*.hea")))[:n]
+    rows = [r for h in heads for r in tokenize_record(h, os.path.basename(h)[:-4], tok)]
+    examples = [row_to_example(r) for r in rows]
+    has_flip = model.flip_single_lead
+    out = {"rows": len(rows), "beats": sum(len(r["r_peaks"]) for r in rows) / len(rows)}
+    for flip in [True, False] if has_flip else [False]:
+        model.flip_single_lead = flip
+        out["flip" if flip else "no_flip"] = round(_model_rate(model, examples, 64), 1)
+    model.flip_single_lead = has_flip
+    return out
 
 
 def _plain_loop_rate(model, rows) -> float:
@@ -137,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=default_tokenizer_dir())
     ap.add_argument("--data", default=os.environ.get("ECGTOK_DATA", "../shared/data"))
     ap.add_argument("--batches", default="1,16,64")
+    ap.add_argument("--single-lead", type=int, default=0, metavar="N")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -160,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         shards["one"] = _write_shard(rows[:1], os.path.join(tmp, "one"))
         for source in ("worker", "parquet"):
             result[source] = _bench_source(args, model, examples, rows, source, shards, plain)
+    if args.single_lead:
+        tok = Tokenizer.load(args.tokenizer)
+        result["single_lead"] = sl = _single_lead_rates(args.data, tok, model, args.single_lead)
+        print(
+            f"single-lead CinC 2017 rows ({sl['rows']}, {sl['beats']:.1f} beats each), model "
+            f"only, batch 64: {sl.get('flip', '-')} rows/s read both ways up, "
+            f"{sl['no_flip']} read once"
+        )
     print(json.dumps(result))
     return 0
 
