@@ -469,10 +469,13 @@ def pretrain(
     arch: dict,
     log=print,
     shapes: np.ndarray | None = None,
+    inversion: np.ndarray | None = None,
 ):
     """Masked-beat pretraining: hide 15% of beats (all leads) and predict their words.
 
     `shapes` (vocab_size, 96): each word's centroid waveform, for `arch["shape_dim"]`.
+    `inversion` (with `arch["flip_single_lead"]`): the tokenizer's inversion map; single-lead
+    crops are then read upside down half the time, inputs and targets alike.
     """
     import torch
 
@@ -485,13 +488,17 @@ def pretrain(
     model = EcgLM(vocab_size, **arch)
     if model.shape_dim:
         model.set_word_shapes(shapes)
+    flip_ids = None
+    if model.flip_single_lead:
+        model.set_flip_map(inversion)
+        flip_ids = model.flip_ids
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     examples = [row_to_example(r) for r in rows if len(r["rhythm"]) >= 2]
     for epoch in range(epochs):
         total, count = 0.0, 0
         model.train()
         for idx in _batches(len(examples), 32, rng):
-            b = collate([_crop(examples[i], rng, 64) for i in idx])
+            b = collate([_maybe_flip(_crop(examples[i], rng, 64), rng, flip_ids) for i in idx])
             beat_ok = b["rhythm"] != PAD
             masked = (torch.rand(beat_ok.shape) < 0.15) & beat_ok
             if not masked.any():
@@ -859,6 +866,11 @@ def pretrain_main(argv: list[str]) -> int:
         default=True,
         help="add a linear map of each word's codebook waveform to its embedding",
     )
+    ap.add_argument(
+        "--flip-single-lead",
+        action="store_true",
+        help="read single-lead crops upside down half the time (see finetune)",
+    )
     args = ap.parse_args(argv)
     tok = Tokenizer.load(args.tokenizer or default_tokenizer_dir())
     rows = load_token_rows(args.tokens)
@@ -872,7 +884,11 @@ def pretrain_main(argv: list[str]) -> int:
     if args.word_shapes:
         shapes = word_shapes(tok)
         arch["shape_dim"] = int(shapes.shape[1])
-    model = pretrain(rows, tok.vocab_size, args.epochs, args.seed, arch, log=_err, shapes=shapes)
+    inversion = None
+    if args.flip_single_lead:
+        arch["flip_single_lead"] = True
+        inversion = tok.inversion_map()
+    model = pretrain(rows, tok.vocab_size, args.epochs, args.seed, arch, _err, shapes, inversion)
     config = {
         "arch": {"vocab_size": tok.vocab_size, **arch, "heads": list(HEADS)},
         "tokenizer_id": tok.tokenizer_id,

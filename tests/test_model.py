@@ -685,12 +685,22 @@ def test_training_commands_end_to_end_on_a_small_real_set(tmp_path, capsys):
     assert train("pretrain", [*common, "--output", str(tmp_path / "pre"), "--epochs", "1"]) == 0
     capsys.readouterr()
     args = [*common, "--labels", str(labels), "--init", str(tmp_path / "pre")]
-    assert train("evaluate", [*args, "--folds", "2", "--epochs", "1"]) == 0
+    assert train("evaluate", [*args, "--folds", "2", "--epochs", "1", "--flip-single-lead"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["mode"] == "cross-validation" and report["metrics"]["cinc2017"]["p_af"]["n"] == 48
     out = tmp_path / "model"
-    assert (
-        train("finetune", [*args, "--output", str(out), "--epochs", "1", "--split", "train"]) == 0
-    )
+    flags = ["--epochs", "1", "--split", "train", "--flip-single-lead"]
+    assert train("finetune", [*args, "--output", str(out), *flags]) == 0
     model, cfg = load_model(str(out))
     assert cfg["tokenizer_id"] == tok.tokenizer_id and cfg["finetune"]["rows"] == 12
+    assert cfg["arch"]["flip_single_lead"]
+    np.testing.assert_array_equal(model.flip_ids.numpy(), tok.inversion_map())
+    # pretraining can read single-lead crops upside down too; the map travels with it
+    pre = tmp_path / "pre_flip"
+    assert (
+        train("pretrain", [*common, "--output", str(pre), "--epochs", "1", "--flip-single-lead"])
+        == 0
+    )
+    model, cfg = load_model(str(pre))
+    assert cfg["arch"]["flip_single_lead"]
+    np.testing.assert_array_equal(model.flip_ids.numpy(), tok.inversion_map())
