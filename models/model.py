@@ -168,9 +168,14 @@ class EcgLM(nn.Module):
         s = torch.as_tensor(np.asarray(shapes, dtype=np.float32))
         self.shapes.copy_(s / s.std().clamp(min=1e-6))
 
-    def set_flip_map(self, inversion: np.ndarray) -> None:
-        """Store the polarity-inversion word map (see `flip_single_lead`)."""
-        self.flip_ids.copy_(torch.as_tensor(np.asarray(inversion, dtype=np.int64)))
+    def enable_flip(self, inversion: np.ndarray) -> None:
+        """Turn on `flip_single_lead` with this polarity-inversion word map
+        (Tokenizer.inversion_map)."""
+        ids = torch.as_tensor(np.asarray(inversion, dtype=np.int64))
+        if not self.flip_single_lead:
+            self.flip_single_lead = True
+            self.register_buffer("flip_ids", torch.arange(self.vocab_size))
+        self.flip_ids.copy_(ids)
 
     def forward(
         self,

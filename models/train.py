@@ -490,7 +490,7 @@ def pretrain(
         model.set_word_shapes(shapes)
     flip_ids = None
     if model.flip_single_lead:
-        model.set_flip_map(inversion)
+        model.enable_flip(inversion)
         flip_ids = model.flip_ids
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     examples = [row_to_example(r) for r in rows if len(r["rhythm"]) >= 2]
@@ -575,8 +575,6 @@ def _maybe_flip(example: dict, rng: np.random.Generator, flip_ids) -> dict:
 def set_flip_single_lead(model, config: dict, on: bool, tokenizer_dir: str | None = None):
     """Turn on the single-lead polarity flip (training and scoring) with the inversion map
     of the model's tokenizer; a model that already has it keeps it."""
-    import torch
-
     from ecgtok.pipeline.flags import default_tokenizer_dir
 
     if not on or model.flip_single_lead:
@@ -587,9 +585,7 @@ def set_flip_single_lead(model, config: dict, on: bool, tokenizer_dir: str | Non
             f"ecgtok: error: the model expects tokenizer {config['tokenizer_id']}, "
             f"--tokenizer is {tok.tokenizer_id}"
         )
-    model.flip_single_lead = True
-    model.register_buffer("flip_ids", torch.arange(model.vocab_size))
-    model.set_flip_map(tok.inversion_map())
+    model.enable_flip(tok.inversion_map())
     return model, {**config, "arch": {**config["arch"], "flip_single_lead": True}}
 
 
@@ -669,7 +665,7 @@ def finetune_once(
     _set_threads()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    flip_ids = model.flip_ids if getattr(model, "flip_single_lead", False) else None
+    flip_ids = model.flip_ids if model.flip_single_lead else None
     data = []
     for row, y in pairs:
         # Fractions near 0 or 1 (segments almost wholly in or out of AF) become hard labels;

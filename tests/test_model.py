@@ -209,9 +209,7 @@ def test_flip_single_lead_averages_single_lead_rows_with_their_inverted_words(tm
         before = model(**plain)
     inv = np.arange(40)
     inv[22:40] = inv[22:40][::-1]  # any map of the word ids
-    model.flip_single_lead = True
-    model.register_buffer("flip_ids", torch.arange(40))
-    model.set_flip_map(inv)
+    model.enable_flip(inv)
     config = {**config, "arch": {**config["arch"], "flip_single_lead": True}}
     flipped = dict(plain, words=torch.as_tensor(inv)[plain["words"]])
     with torch.inference_mode():
