@@ -63,7 +63,8 @@ class EcgLM(nn.Module):
         # polarity-inverted word (`flip_ids`, Tokenizer.inversion_map), and the two
         # averaged: a handheld single-lead device held the other way records the lead
         # upside down (about 23% of CinC 2017's AliveCor recordings have negative R waves).
-        # Fine-tuning flips single-lead crops half the time, so both readings are familiar.
+        # Training (fine-tuning, and pretraining with the flag) flips single-lead crops half
+        # the time, so both readings are familiar.
         self.flip_single_lead = bool(flip_single_lead)
         if self.flip_single_lead:
             self.register_buffer("flip_ids", torch.arange(vocab_size))
