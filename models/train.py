@@ -563,10 +563,12 @@ def _lead_dropout(example: dict, rng: np.random.Generator) -> dict:
 def _maybe_flip(example: dict, rng: np.random.Generator, flip_ids) -> dict:
     """Single-lead examples, half the time: every word replaced by its polarity-inverted
     word (the lead as a device held the other way records it; see EcgLM.flip_single_lead)."""
+    from ecgtok.models.model import LEAD_BEAT_KEYS
+
     if flip_ids is None or example["leads"].shape[0] != 1 or rng.random() < 0.5:
         return example
     out = dict(example)
-    for key in ("words", "atrial"):
+    for key in LEAD_BEAT_KEYS:
         if key in out:
             out[key] = flip_ids[out[key]]
     return out
@@ -575,16 +577,13 @@ def _maybe_flip(example: dict, rng: np.random.Generator, flip_ids) -> dict:
 def set_flip_single_lead(model, config: dict, on: bool, tokenizer_dir: str | None = None):
     """Turn on the single-lead polarity flip (training and scoring) with the inversion map
     of the model's tokenizer; a model that already has it keeps it."""
+    from ecgtok.models.model import check_model_tokenizer
     from ecgtok.pipeline.flags import default_tokenizer_dir
 
     if not on or model.flip_single_lead:
         return model, config
     tok = Tokenizer.load(tokenizer_dir or default_tokenizer_dir())
-    if tok.tokenizer_id != config["tokenizer_id"]:
-        raise SystemExit(
-            f"ecgtok: error: the model expects tokenizer {config['tokenizer_id']}, "
-            f"--tokenizer is {tok.tokenizer_id}"
-        )
+    check_model_tokenizer(config, tok.tokenizer_id)
     model.enable_flip(tok.inversion_map())
     return model, {**config, "arch": {**config["arch"], "flip_single_lead": True}}
 
