@@ -192,9 +192,12 @@ class TokenizeRecords(beam.PTransform):
     def expand(self, refs):
         # Records travel in small batches: the guarded child then gets the next record
         # while the parent still writes the last one's rows (transforms/isolation.py).
+        # A fixed size: given a range, BatchElements fits a line to its batch timings
+        # (numpy.polyfit) after every batch, for a size that ends at the maximum anyway.
+        batch = beam.BatchElements(min_batch_size=BATCH_RECORDS, max_batch_size=BATCH_RECORDS)
         return (
             refs
-            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=BATCH_RECORDS)
+            | "Batch" >> batch
             | "ReadFindBeatsTokenize" >> beam.ParDo(self._fn).with_outputs(ERRORS, main="rows")
         )
 
