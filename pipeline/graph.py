@@ -20,7 +20,9 @@ from ecgtok.transforms.stages import (
     RecordLimits,
     ScoreRecords,
     TokenizeRecords,
+    TokenRows,
     WriteParquetFolder,
+    WriteTableFolder,
 )
 
 
@@ -46,19 +48,20 @@ class JobConfig:
 
 
 def build_tokenize(p: beam.Pipeline, cfg: JobConfig):
-    """discover -> read -> find beats -> tokenize -> tokens/ and errors/. Returns token rows."""
+    """discover -> read -> find beats -> tokenize -> tokens/ and errors/. Returns the
+    tables of token rows."""
     meta = {"ecgtok_tokenizer_id": cfg.tokenizer_id, "ecgtok_version": __version__}
     refs = p | "DiscoverRecords" >> DiscoverRecords(cfg.input, cfg.listing, cfg.deid)
     result = refs | "TokenizeRecords" >> TokenizeRecords(
         cfg.tokenizer_dir, cfg.segment_s, cfg.extra_columns, cfg.limits, cfg.deid
     )
-    _ = result.rows | "WriteTokenShards" >> WriteParquetFolder(
+    _ = result.tables | "WriteTokenShards" >> WriteTableFolder(
         join(cfg.output, "tokens"), schemas.token_schema(cfg.extra_columns, meta)
     )
     _ = result.errors | "WriteErrors" >> WriteParquetFolder(
         join(cfg.output, "errors"), schemas.error_schema(meta)
     )
-    return result.rows
+    return result.tables
 
 
 def build_score(rows, cfg: JobConfig) -> None:
@@ -78,7 +81,7 @@ def build_score(rows, cfg: JobConfig) -> None:
 
 def build_pipeline(p: beam.Pipeline, cfg: JobConfig) -> None:
     """The whole job: archive -> token shards -> scores."""
-    build_score(build_tokenize(p, cfg), cfg)
+    build_score(build_tokenize(p, cfg) | "TokenRows" >> TokenRows(), cfg)
 
 
 def build_score_only(p: beam.Pipeline, cfg: JobConfig) -> None:

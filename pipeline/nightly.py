@@ -549,7 +549,13 @@ def _limits(plan: dict):
 def build_nightly(p: beam.Pipeline, plan: dict, plan_path: str) -> None:
     from ecgtok.pipeline.graph import JobConfig
     from ecgtok.transforms import schemas
-    from ecgtok.transforms.stages import ScoreRecords, TokenizeRecords, WriteParquetFolder
+    from ecgtok.transforms.stages import (
+        ScoreRecords,
+        TokenizeRecords,
+        TokenRows,
+        WriteParquetFolder,
+        WriteTableFolder,
+    )
 
     store, staged, cols = plan["store"], plan["staging"], plan["columns"]
     cfg = JobConfig(
@@ -581,9 +587,9 @@ def build_nightly(p: beam.Pipeline, plan: dict, plan_path: str) -> None:
             cfg.tokenizer_dir, cfg.segment_s, [], _limits(plan)
         )
         writes.append(
-            result.rows
+            result.tables
             | "WriteTokenShards"
-            >> WriteParquetFolder(
+            >> WriteTableFolder(
                 outputs.join(store, plan["tokens_folder"]), schemas.token_schema([], meta)
             )
         )
@@ -592,7 +598,7 @@ def build_nightly(p: beam.Pipeline, plan: dict, plan_path: str) -> None:
             | "WriteErrors"
             >> WriteParquetFolder(outputs.join(staged, "errors"), schemas.error_schema(meta))
         )
-        parts.append(result.rows)
+        parts.append(result.tables | "TokenRows" >> TokenRows())
     if plan["reused"]:
         folders = sorted(set(plan["reused"].values()))
         parts.append(

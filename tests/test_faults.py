@@ -55,7 +55,7 @@ def test_guard_turns_a_hang_and_a_crash_into_error_rows_and_recovers(tmp_path):
         assert (info.value.stage, info.value.error_type) == ("limits", kind)
         # The next record gets a fresh child and is processed normally.
         guard._work = GuardedTokenizer(default_tokenizer_dir(), 5, 0)._work
-        rows = guard.tokenize(rec, "G12EC/E00001", 300.0, {})
+        rows = guard.tokenize(rec, "G12EC/E00001", 300.0, {}).to_pylist()
         assert rows and rows[0]["record_id"] == "G12EC/E00001" and len(rows[0]["r_peaks"]) > 5
         guard.close()
 
@@ -87,7 +87,7 @@ def test_a_batch_keeps_going_past_a_hang_and_a_crash_in_its_middle():
         out = list(guard.tokenize_many([("p", rid, 300.0, {}) for rid in ids]))
     finally:
         guard.close()
-    assert [i for i, _ in out] == list(range(len(ids)))
+    assert [i for (i,), _ in out] == list(range(len(ids)))
     got = dict(zip(ids, (o for _, o in out), strict=True))
     for rid in ("a", "b", "c", "d"):
         assert got[rid] == [{"record_id": rid}]
@@ -105,10 +105,10 @@ def test_an_abandoned_batch_does_not_leak_answers_into_the_next():
     guard = GuardedTokenizer(default_tokenizer_dir(), 30, 0, work=hang_or_crash_on_some)
     try:
         first = guard.tokenize_many([("p", rid, 300.0, {}) for rid in ("a", "b", "c")])
-        assert next(first) == (0, [{"record_id": "a"}])
+        assert next(first) == ([0], [{"record_id": "a"}])
         # `first` is left suspended with answers for b and c in flight
         again = list(guard.tokenize_many([("p", rid, 300.0, {}) for rid in ("x", "y")]))
-        assert again == [(0, [{"record_id": "x"}]), (1, [{"record_id": "y"}])]
+        assert again == [([0], [{"record_id": "x"}]), ([1], [{"record_id": "y"}])]
     finally:
         guard.close()
 

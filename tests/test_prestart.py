@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pyarrow as pa
 import pytest
 from conftest import copy_record, data_path
 from test_pipeline import read_folder
@@ -15,6 +16,7 @@ from ecgtok.pipeline.cli import main as cli
 from ecgtok.pipeline.flags import default_tokenizer_dir, local_guard_memory_mb
 from ecgtok.transforms import isolation
 from ecgtok.transforms.isolation import GuardedTokenizer, prestart
+from ecgtok.transforms.schemas import token_schema
 
 RECORD = ("cinc2021_12lead", "G12EC", "E00001.hea")
 IO = ["--input", "in", "--output", "out"]
@@ -85,7 +87,7 @@ def test_children_are_forked_warm_from_one_forkserver_and_tokenize_as_in_process
     assert prestart(0) and prestart(6144)  # idempotent: one server per process
     guards = [GuardedTokenizer(tok, 60, 6144) for _ in range(2)]
     try:
-        rows = [g.tokenize(rec, "G12EC/E00001", 300.0, {}) for g in guards]
+        rows = [g.tokenize(rec, "G12EC/E00001", 300.0, {}).to_pylist() for g in guards]
         parents = set()
         for g in guards:
             pid = g._child.pid
@@ -98,7 +100,7 @@ def test_children_are_forked_warm_from_one_forkserver_and_tokenize_as_in_process
         for g in guards:
             g.close()
     expected = tokenize_record(rec, "G12EC/E00001", Tokenizer.load(tok), 300.0, {})
-    assert rows[0] == rows[1] == expected
+    assert rows[0] == rows[1] == pa.Table.from_pylist(expected, token_schema()).to_pylist()
 
     # The environment is the parent's now, not the server's from when it started.
     monkeypatch.setenv("ECGTOK_TEST_LATE_VARIABLE", "set after the server started")
@@ -141,7 +143,7 @@ def test_records_of_a_child_that_cannot_start_become_error_rows_in_a_batch(tmp_p
         outcomes = list(guard.tokenize_many(requests))
     finally:
         guard.close()
-    assert [i for i, _ in outcomes] == [0, 1, 2]
+    assert [i for i, _ in outcomes] == [[0], [1], [2]]
     for _, err in outcomes:
         assert isinstance(err, isolation.RecordError) and "could not start" in err.message
 

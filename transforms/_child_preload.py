@@ -12,7 +12,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # child starts at 1.46 GB of address space instead of 0.41 GB, and that would count against
 # its --record_memory_mb bound (RLIMIT_AS); its bundled jemalloc also starts a background
 # thread (another 0.07 GB), and the server should be single-threaded when it forks.
-# Children write no Parquet: the system allocator will do.
+# Children build a small Arrow table per batch and write no Parquet: the system allocator
+# will do.
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
 os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
 

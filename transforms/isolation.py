@@ -39,13 +39,10 @@ import os
 import pickle
 import sys
 
-from ecgtok.transforms.errors import RecordError
+from ecgtok.transforms.errors import TRANSIENT_ERRORS, RecordError
 
 STAGE = "limits"
 STARTUP_TIMEOUT_S = 300.0
-# Requests written to the child ahead of its answers. Small requests (a path and an id):
-# a few dozen never fill the pipe's buffer, so writing them cannot block.
-PIPELINE_DEPTH = 32
 # At or above this address-space bound (or with none, 0) children are forked from the
 # warmed forkserver; below it they are spawned and import lazily. SciPy's imports need a
 # few hundred MB, and under a tighter bound they should fail on the first record, as that
@@ -70,6 +67,10 @@ def _init_child(memory_mb: int, tokenizer_dir: str, deid: tuple | None, env: dic
     os.environ.clear()
     os.environ.update(server)
     os.environ.update(env)
+    # A spawned child (tight bounds) has no server: the same allocator choice, before
+    # pyarrow loads (see _child_preload).
+    os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+    os.environ.setdefault("JE_ARROW_MALLOC_CONF", "background_thread:false")
     if memory_mb > 0:
         import resource
 
@@ -92,16 +93,20 @@ def _init_child(memory_mb: int, tokenizer_dir: str, deid: tuple | None, env: dic
 
 
 def _child_main(conn, memory_mb: int, tokenizer_dir: str, deid, work, env: dict) -> None:
-    """The child's loop: load once, then answer one request at a time until told to stop.
+    """The child's loop: load once, then work through one batch of requests at a time
+    until told to stop.
 
-    Answers are ('done', value) or ('raise', exception): an exception (a transient I/O
-    error, say) is re-raised in the parent, so Beam retries as if it ran in-process.
+    `work(requests)` yields events (kind, indices, payload), see
+    `record_tokens.tokenize_batch`; each is sent as it comes, then ("end", None, None).
+    If `work` itself raises, ("abort", None, exception) ends the batch instead: the
+    parent hands the exception back (a transient I/O error: the runner retries) or
+    retries the batch's unanswered records one by one.
     """
     try:
         _init_child(memory_mb, tokenizer_dir, deid, env)
     except Exception as exc:  # the reason goes to the parent: one line, not a traceback
         with contextlib.suppress(OSError):
-            conn.send(("failed", f"the guarded process could not start: {exc!r}"))
+            conn.send(("cannot_start", f"the guarded process could not start: {exc!r}"))
         return
     try:
         conn.send(("done", True))  # ready
@@ -109,36 +114,63 @@ def _child_main(conn, memory_mb: int, tokenizer_dir: str, deid, work, env: dict)
         return
     while True:
         try:
-            args = conn.recv()
+            requests = conn.recv()
         except EOFError:  # the parent is gone
             return
-        if args is None:
+        if requests is None:
             return
         try:
-            answer = ("done", work(*args))
-        except Exception as exc:  # handed back to the parent as is (SystemExit ends the child)
-            answer = ("raise", exc)
-        try:
-            data = pickle.dumps(answer)
-            if answer[0] == "raise":
-                pickle.loads(data)  # an exception that cannot be rebuilt must not cross
-        except Exception as exc:
-            kind = type(answer[1]).__name__ if answer[0] == "raise" else "answer"
-            data = pickle.dumps(("raise", RuntimeError(f"{kind} could not be sent: {exc}")))
-        conn.send_bytes(data)
+            for event in work(requests):
+                _send_event(conn, event)
+            event = ("end", None, None)
+        except Exception as exc:  # SystemExit ends the child
+            event = ("abort", None, exc)
+        _send_event(conn, event)
 
 
-def _tokenize_in_child(source_path: str, record_id: str, segment_s: float, extra: dict):
-    """Runs in the child. Returns ('ok', rows) or ('error', (stage, type, message))."""
-    from ecgtok.transforms.record_tokens import tokenize_record
-
+def _send_event(conn, event: tuple) -> None:
+    """Send one event; an exception in it that cannot cross the pipe is replaced by a
+    RuntimeError that says so (the record still gets its error row)."""
+    kind, indices, payload = event
     try:
-        rows = tokenize_record(source_path, record_id, _TOKENIZER, segment_s, extra, _POLICY)
-        return "ok", rows
-    except RecordError as err:
-        return "error", (err.stage, err.error_type, err.message)
-    except MemoryError:
-        return "error", (STAGE, "out_of_memory", "record needs more memory than allowed")
+        data = pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL)
+        if isinstance(payload, BaseException):
+            pickle.loads(data)  # an exception that cannot be rebuilt must not cross
+    except Exception as exc:
+        what = type(payload).__name__
+        data = pickle.dumps((kind, indices, RuntimeError(f"{what} could not be sent: {exc}")))
+    conn.send_bytes(data)
+
+
+def _tokenize_in_child(requests: list[tuple]):
+    """Runs in the child: `record_tokens.tokenize_batch` with the child's tokenizer."""
+    from ecgtok.transforms.record_tokens import tokenize_batch
+
+    yield from tokenize_batch(requests, _TOKENIZER, _POLICY)
+
+
+class _PerRecord:
+    """Adapts a per-record `work(source_path, record_id, segment_s, extra)` returning
+    ("ok", value) or ("error", (stage, type, message)) to the batch protocol (tests swap
+    in functions that hang or crash on chosen records)."""
+
+    def __init__(self, work) -> None:
+        self.work = work
+
+    def __call__(self, requests: list[tuple]):
+        from ecgtok.transforms.record_tokens import FAILED, ROWS, START
+
+        for index, request in enumerate(requests):
+            yield START, [index], None
+            try:
+                status, value = self.work(*request)
+            except Exception as exc:
+                yield FAILED, [index], exc
+                continue
+            if status == "ok":
+                yield ROWS, [index], value
+            else:
+                yield FAILED, [index], RecordError(*value)
 
 
 def _forks(memory_mb: int) -> bool:
@@ -192,13 +224,14 @@ def _end(proc, conn) -> None:
 
 
 class GuardedTokenizer:
-    """Calls `tokenize_record` in a child process with a time and memory bound."""
+    """Tokenizes batches of records in a child process, with a time and memory bound
+    per record (`record_tokens.tokenize_batch` runs in the child)."""
 
     def __init__(
         self, tokenizer_dir: str, timeout_s: float, memory_mb: int, work=None, deid=None
     ) -> None:
-        # `work` runs in the child; tests swap in a function that hangs or crashes.
-        self._work = work or _tokenize_in_child
+        # `work` runs in the child, per record; tests swap in functions that hang or crash.
+        self._work = _tokenize_in_child if work is None else _PerRecord(work)
         self._tokenizer_dir = tokenizer_dir
         self._deid = None if deid is None else (deid.key_file, deid.carry_identifiers)
         self._timeout_s = timeout_s
@@ -206,7 +239,7 @@ class GuardedTokenizer:
         self._child = None
         self._conn = None
         self._child_work = None
-        self._in_flight = 0  # requests sent whose answers are not read yet
+        self._busy = False  # a batch was sent and its "end" not read yet
 
     def _ensure_child(self):
         if self._child is not None and self._child_work is not self._work:
@@ -219,13 +252,13 @@ class GuardedTokenizer:
         return self._conn
 
     def _answer(self, timeout_s: float, what: str):
-        """The child's next answer, or a RecordError if it hangs or dies."""
+        """The child's next message, or a RecordError if it hangs or dies."""
         conn = self._conn
         if not conn.poll(timeout_s):
             self._discard_child()
             raise RecordError(STAGE, "timeout", f"{what} took longer than {timeout_s:g} s")
         try:
-            kind, value = conn.recv()
+            message = conn.recv()
         except (EOFError, OSError):  # the child died: crash, or killed for memory
             self._discard_child()
             raise RecordError(
@@ -233,82 +266,103 @@ class GuardedTokenizer:
                 "worker_crashed",
                 "the process handling this record died (crash or out of memory)",
             ) from None
-        if kind == "raise":
-            raise value
-        if kind == "failed":  # the child could not start (see _child_main)
+        if message[0] == "cannot_start":  # see _child_main
             self._discard_child()
-            print(f"ecgtok: {value}", file=sys.stderr)
-            raise RecordError(STAGE, "worker_crashed", value)
-        return value
+            print(f"ecgtok: {message[1]}", file=sys.stderr)
+            raise RecordError(STAGE, "worker_crashed", message[1])
+        return message
 
     def _discard_child(self) -> None:
         proc, conn = self._child, self._conn
         self._child = self._conn = self._child_work = None
-        self._in_flight = 0
+        self._busy = False
         if proc is not None:
             _end(proc, conn)
 
-    def tokenize(self, source_path: str, record_id: str, segment_s: float, extra: dict) -> list:
-        """One record's rows; raises RecordError (bounds, bad input) or a transient error."""
+    def tokenize(self, source_path: str, record_id: str, segment_s: float, extra: dict):
+        """One record's rows (what the work returns: a table by default); raises
+        RecordError (bounds, bad input) or a transient error."""
         ((_, outcome),) = self.tokenize_many([(source_path, record_id, segment_s, extra)])
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
 
     def tokenize_many(self, requests: list[tuple]):
-        """Yield (index, rows or exception) for each (source_path, record_id, segment_s,
-        extra) request, in order.
+        """Yield (indices, outcome) until every (source_path, record_id, segment_s, extra)
+        request is answered once: outcome is the rows of those records (a table), or,
+        for one record, the exception it failed with (RecordError; a transient error is
+        yielded too, the caller re-raises it).
 
-        All requests are written to the child at once and answered one by one, so the
-        child never waits for the parent between records (the parent writes the rows of
-        one record while the child reads the next). Each record keeps its own time
-        bound; after a timeout or a crash the records not yet answered go to a new child.
-        A transient error is yielded like any other exception; the caller re-raises it.
+        The requests go to the child as one batch. Each record keeps its own time bound
+        (the child says which record it starts, and the clock restarts). A record that
+        hangs or kills the child gets the error row; the batch's other records go to a
+        new child. If the child was working on several records at once, each of them is
+        tried again alone, so the error lands on the record that caused it.
         """
-        if self._in_flight:
+        if self._busy:
             # A previous batch was abandoned mid-way (its caller raised): its answers are
             # still coming and must not be read as this batch's. Start from a new child.
             self._discard_child()
-        pending = list(enumerate(requests))
-        while pending:
-            try:
-                sent = self._send_all(pending)
-            except RecordError as err:  # no child could start: each record says why
-                for index, _ in pending:
-                    yield index, err
-                return
-            for k, (index, _) in enumerate(pending[:sent]):
-                try:
-                    status, value = self._answer(self._timeout_s, "processing")
-                    outcome = value if status == "ok" else RecordError(*value)
-                except RecordError as err:
-                    outcome = err
-                except Exception as exc:  # raised in the child (transient I/O, say)
-                    outcome = exc
-                if self._child is not None:
-                    self._in_flight -= 1
-                yield index, outcome
-                if self._child is None:  # that record killed or hung the child
-                    pending = pending[k + 1 :]
-                    break
-            else:
-                pending = pending[sent:]
+        queue = [list(range(len(requests)))]
+        while queue:
+            batch = queue.pop(0)
+            yield from self._run_batch(requests, batch, queue)
 
-    def _send_all(self, pending: list[tuple]) -> int:
-        """Write the requests (at most PIPELINE_DEPTH) to the child; how many were sent."""
-        batch = pending[:PIPELINE_DEPTH]
+    def _run_batch(self, requests: list[tuple], batch: list[int], queue: list):
+        """Send one batch (indices into `requests`) and yield its answers; records left
+        unanswered when the child fails are put back on `queue`."""
+        try:
+            self._send([requests[i] for i in batch])
+        except RecordError as err:  # no child could start: each record says why
+            for index in batch:
+                yield [index], err
+            return
+        unanswered = set(range(len(batch)))
+        suspects: list[int] = []  # the records the child said it is working on
+        while True:
+            try:
+                kind, local, payload = self._answer(self._timeout_s, "processing")
+            except RecordError as err:  # the child hung or died; it is gone
+                if len(suspects) == 1 or len(batch) == 1:
+                    culprit = suspects[0] if suspects else next(iter(unanswered))
+                    unanswered.discard(culprit)
+                    yield [batch[culprit]], err
+                else:  # several at once (or none said): each alone, to find the culprit
+                    unanswered.difference_update(suspects)
+                    queue.extend([batch[k]] for k in suspects)
+                    if not suspects:
+                        queue.extend([batch[k]] for k in sorted(unanswered))
+                        unanswered.clear()
+                if unanswered:
+                    queue.append([batch[k] for k in sorted(unanswered)])
+                return
+            if kind == "start":
+                suspects = local
+            elif kind in ("failed", "rows"):
+                unanswered.difference_update(local)
+                yield [batch[k] for k in local], payload
+            else:  # "end", or "abort": the work itself raised
+                self._busy = False
+                if kind == "abort" and unanswered:
+                    if len(batch) == 1 or isinstance(payload, TRANSIENT_ERRORS):
+                        for k in sorted(unanswered):
+                            yield [batch[k]], payload
+                    else:
+                        queue.extend([batch[k]] for k in sorted(unanswered))
+                return
+
+    def _send(self, requests: list[tuple]) -> None:
+        """Write one batch to the child (a new one if the idle child died)."""
         for attempt in (0, 1):
             try:
                 conn = self._ensure_child()
-                for _, request in batch:
-                    conn.send(request)
-                    self._in_flight += 1  # counted as written: see tokenize_many
-                return len(batch)
+                self._busy = True
+                conn.send(requests)
+                return
             except (BrokenPipeError, OSError):  # the idle child died: start another
                 self._discard_child()
                 if attempt:
                     raise
-        return 0
 
     def close(self) -> None:
         if self._conn is not None:

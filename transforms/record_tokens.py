@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ecgtok.models.tokenizer import Tokenizer, build_sentence
+from ecgtok.models.tokenizer import Tokenizer
 from ecgtok.transforms.errors import TRANSIENT_ERRORS, RecordError
+from ecgtok.transforms.token_table import Segment, segment_row
 from ecgtok.transforms.wfdb_reader import Record, SampleReader, open_record
 
 DEFAULT_SEGMENT_S = 300.0
@@ -99,16 +100,6 @@ def read_any(source_path: str, record_id: str, policy=None) -> Record:
         return reader.record()
 
 
-def _meta_columns(meta: dict) -> dict:
-    meta = meta or {}
-    return {
-        "age": meta.get("age"),
-        "sex": meta.get("sex"),
-        "dx": [str(c) for c in meta.get("dx", [])],
-        "patient_key": meta.get("patient_key"),
-    }
-
-
 def _tokenize_window(
     chunk: Record, tokenizer: Tokenizer
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -125,42 +116,35 @@ def _tokenize_window(
     return r_peaks, flags, words, rhythm, atrial
 
 
-def _row(
-    reader, start: int, end: int, peaks, flags, words, rhythm, atrial, tokenizer, extra
-) -> dict:
-    sentence, s_lead, s_beat = build_sentence(words, rhythm, atrial)
-    return {
-        "record_id": reader.record_id,
-        "start_sample": int(start),
-        "n_samples": int(end - start),
-        "fs": float(reader.fs),
-        "lead_names": list(reader.lead_names),
-        "original_lead_names": list(reader.original_lead_names),
-        "r_peaks": peaks.astype(np.int64).tolist(),
-        "beat_flags": flags.astype(np.int32).tolist(),
-        "tokens": words.astype(np.int32).tolist(),
-        # Empty for a tokenizer without atrial words.
-        "atrial_tokens": [] if atrial is None else atrial.astype(np.int32).tolist(),
-        "rhythm": rhythm.astype(np.int32).tolist(),
-        "sentence": sentence.tolist(),
-        "sentence_lead": s_lead.astype(np.int32).tolist(),
-        "sentence_beat": s_beat.tolist(),
-        "tokenizer_id": tokenizer.tokenizer_id,
-        "source_path": reader.source_path,
-        **_meta_columns(reader.meta),
-        **(extra or {}),
-    }
+def _segment(reader, start: int, end: int, peaks, flags, words, rhythm, atrial, tokenizer, extra):
+    return Segment(
+        record_id=reader.record_id,
+        start_sample=int(start),
+        n_samples=int(end - start),
+        fs=float(reader.fs),
+        lead_names=list(reader.lead_names),
+        original_lead_names=list(reader.original_lead_names),
+        r_peaks=peaks,
+        beat_flags=flags,
+        words=words,
+        rhythm=rhythm,
+        atrial=atrial,
+        tokenizer_id=tokenizer.tokenizer_id,
+        source_path=reader.source_path,
+        meta=reader.meta or {},
+        extra=dict(extra or {}),
+    )
 
 
-def tokenize_reader(
+def reader_segments(
     reader, tokenizer: Tokenizer, segment_s: float = DEFAULT_SEGMENT_S, extra: dict | None = None
-) -> list[dict]:
-    """Token rows, one per segment, streaming the record through `reader`."""
+) -> list[Segment]:
+    """Token rows as arrays, one per segment, streaming the record through `reader`."""
     fs, n = float(reader.fs), int(reader.n_samples)
     context = int(round(CONTEXT_S * fs))
     refractory = int(round(REFRACTORY_S * fs))
     last_kept = -(10**18)
-    rows = []
+    segments = []
     for start, end in segment_bounds(n, fs, segment_s):
         lo, hi = max(0, start - context), min(n, end + context)
         chunk = reader.record(lo, hi)
@@ -169,8 +153,8 @@ def tokenize_reader(
         keep = (peaks >= start) & (peaks < end) & (peaks > last_kept + refractory)
         if keep.any():
             last_kept = int(peaks[keep][-1])
-        rows.append(
-            _row(
+        segments.append(
+            _segment(
                 reader,
                 start,
                 end,
@@ -183,7 +167,14 @@ def tokenize_reader(
                 extra,
             )
         )
-    return rows
+    return segments
+
+
+def tokenize_reader(
+    reader, tokenizer: Tokenizer, segment_s: float = DEFAULT_SEGMENT_S, extra: dict | None = None
+) -> list[dict]:
+    """Token rows, one per segment, streaming the record through `reader`."""
+    return [segment_row(s) for s in reader_segments(reader, tokenizer, segment_s, extra)]
 
 
 _BLAS_LIMIT = None
@@ -228,6 +219,28 @@ def warm_up() -> None:
     import ecgtok.transforms.qrs  # noqa: F401
 
 
+def record_segments(
+    source_path: str,
+    record_id: str,
+    tokenizer: Tokenizer,
+    segment_s: float = DEFAULT_SEGMENT_S,
+    extra: dict | None = None,
+    policy=None,
+) -> list[Segment]:
+    """Open, read, find beats and tokenize one record: its rows as arrays. Raises
+    RecordError naming the stage."""
+    one_blas_thread()
+    with open_any(source_path, record_id, policy) as reader:
+        try:
+            return reader_segments(reader, tokenizer, segment_s, extra)
+        except (RecordError, *TRANSIENT_ERRORS):
+            raise
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise RecordError("read", type(exc).__name__, str(exc)) from exc
+
+
 def tokenize_record(
     source_path: str,
     record_id: str,
@@ -236,14 +249,46 @@ def tokenize_record(
     extra: dict | None = None,
     policy=None,
 ) -> list[dict]:
-    """Open, read, find beats and tokenize one record. Raises RecordError naming the stage."""
-    one_blas_thread()
-    with open_any(source_path, record_id, policy) as reader:
+    """Open, read, find beats and tokenize one record: its token rows. Raises RecordError
+    naming the stage."""
+    segments = record_segments(source_path, record_id, tokenizer, segment_s, extra, policy)
+    return [segment_row(s) for s in segments]
+
+
+# Events of `tokenize_batch`, each (kind, indices into the batch, payload).
+START = "start"  # work on these records begins (payload None)
+FAILED = "failed"  # this one record failed (payload: the exception)
+ROWS = "rows"  # the rows of these records (payload: one pyarrow.Table)
+
+
+def tokenize_batch(requests: list[tuple], tokenizer: Tokenizer, policy=None):
+    """Tokenize a batch of (source_path, record_id, segment_s, extra) requests.
+
+    Yields events (kind, indices, payload): START before each record is worked on, so a
+    guard that sees the process hang or die knows which record did it; FAILED with the
+    exception of each record that failed (a RecordError naming the stage; MemoryError as
+    a RecordError of stage "limits"; a transient I/O error as it is, for the runner to
+    retry); last, ROWS with one table (token schema) of every other record's rows. A
+    record's rows are only sent once it has succeeded, so it never has both.
+    """
+    one_blas_thread()  # before pyarrow loads (see token_table._arrow)
+    done: list[int] = []
+    segments: list[Segment] = []
+    for index, (path, record_id, segment_s, extra) in enumerate(requests):
+        yield START, [index], None
         try:
-            return tokenize_reader(reader, tokenizer, segment_s, extra)
-        except (RecordError, *TRANSIENT_ERRORS):
-            raise
+            segments += record_segments(path, record_id, tokenizer, segment_s, extra, policy)
         except MemoryError:
-            raise
+            yield (
+                FAILED,
+                [index],
+                RecordError("limits", "out_of_memory", "record needs more memory than allowed"),
+            )
         except Exception as exc:
-            raise RecordError("read", type(exc).__name__, str(exc)) from exc
+            yield FAILED, [index], exc
+        else:
+            done.append(index)
+    if done:
+        from ecgtok.transforms.token_table import segments_table
+
+        yield ROWS, done, segments_table(segments)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
+import pyarrow.compute as pc
 from apache_beam.metrics import Metrics
 
 from ecgtok.pipeline.discovery import DeidSettings, RecordRef, discover, read_listing
@@ -116,43 +117,38 @@ class _TokenizeRecordFn(beam.DoFn):
             )
             for ref in refs
         ]
-        for index, outcome in self._outcomes(requests):
-            ref = refs[index]
+        for indices, outcome in self._outcomes(requests):
+            if isinstance(outcome, pa.Table):
+                yield from self._emit(outcome, len(indices))
+                continue
+            ref = refs[indices[0]]
             if isinstance(outcome, RecordError):
                 yield from self._fail(ref, outcome.stage, outcome.error_type, outcome.message)
             elif isinstance(outcome, TRANSIENT_ERRORS):
                 # Transient I/O (a storage hiccup): let the runner retry the bundle.
                 raise outcome
-            elif isinstance(outcome, Exception):  # a bug must not sink the job
+            else:  # a bug must not sink the job
                 _LOG.error("unexpected failure on %s: %r", ref.record_id, outcome)
                 yield from self._fail(ref, "tokenize", type(outcome).__name__, str(outcome))
-            else:
-                yield from self._emit(outcome)
 
     def _outcomes(self, requests: list[tuple]):
-        """(index, rows or exception) per request: in the guarded child, or in-process."""
+        """(indices, table of their rows, or one record's exception): in the guarded
+        child, or in-process."""
         if self._guard is not None:
             yield from self._guard.tokenize_many(requests)
             return
-        from ecgtok.transforms.record_tokens import tokenize_record
+        from ecgtok.transforms.record_tokens import START, tokenize_batch
 
-        for index, (path, record_id, segment_s, extra) in enumerate(requests):
-            try:
-                rows = tokenize_record(
-                    path, record_id, self._tokenizer, segment_s, extra, self._policy
-                )
-            except Exception as exc:
-                yield index, exc
-            else:
-                yield index, rows
+        for kind, indices, payload in tokenize_batch(requests, self._tokenizer, self._policy):
+            if kind != START:
+                yield indices, payload
 
-    def _emit(self, rows: list[dict]):
-        self._tokenized.inc()
-        for row in rows:
-            self._segments.inc()
-            self._beats.inc(len(row["r_peaks"]))
-            self._tokens.inc(sum(len(t) for t in row["tokens"]))
-            yield row
+    def _emit(self, table: pa.Table, n_records: int):
+        self._tokenized.inc(n_records)
+        self._segments.inc(table.num_rows)
+        self._beats.inc(len(pc.list_flatten(table.column("r_peaks"))))
+        self._tokens.inc(len(pc.list_flatten(pc.list_flatten(table.column("tokens")))))
+        yield table
 
     def teardown(self) -> None:
         if getattr(self, "_guard", None) is not None:
@@ -174,7 +170,8 @@ class RecordLimits:
 
 
 class TokenizeRecords(beam.PTransform):
-    """RecordRef -> token rows (main output) and error rows (`.errors`)."""
+    """RecordRef -> tables of token rows (main output, `.tables`; one per batch of
+    records, in the token schema) and error rows (`.errors`)."""
 
     def __init__(
         self,
@@ -190,15 +187,15 @@ class TokenizeRecords(beam.PTransform):
         )
 
     def expand(self, refs):
-        # Records travel in small batches: the guarded child then gets the next record
-        # while the parent still writes the last one's rows (transforms/isolation.py).
+        # Records travel in small batches: one message to the guarded child and one table
+        # back per batch (transforms/isolation.py), not a message and a row dict each.
         # A fixed size: given a range, BatchElements fits a line to its batch timings
         # (numpy.polyfit) after every batch, for a size that ends at the maximum anyway.
         batch = beam.BatchElements(min_batch_size=BATCH_RECORDS, max_batch_size=BATCH_RECORDS)
         return (
             refs
             | "Batch" >> batch
-            | "ReadFindBeatsTokenize" >> beam.ParDo(self._fn).with_outputs(ERRORS, main="rows")
+            | "ReadFindBeatsTokenize" >> beam.ParDo(self._fn).with_outputs(ERRORS, main="tables")
         )
 
 
@@ -283,4 +280,77 @@ class WriteParquetFolder(beam.PTransform):
             schema=self._schema,
             file_name_suffix=".parquet",
             codec="zstd",
+        )
+
+
+def table_rows(table: pa.Table):
+    """A table's rows as dicts (what `ReadFromParquet` gives for the same rows)."""
+    yield from table.to_pylist()
+
+
+class TokenRows(beam.PTransform):
+    """Tables of token rows -> token row dicts (for the stages that read rows)."""
+
+    def expand(self, tables):
+        return tables | "TableRows" >> beam.FlatMap(table_rows)
+
+
+# Rows per Parquet row group, and the most bytes a table may buffer, as Beam's own
+# WriteToParquet groups rows (its record_batch_size and row_group_buffer_size).
+ROW_GROUP_ROWS = 1000
+ROW_GROUP_BYTES = 64 * 1024 * 1024
+
+
+class _CombineTables(beam.DoFn):
+    """Small tables -> tables of about ROW_GROUP_ROWS rows, per bundle (one Parquet
+    row group each, not one per batch of 16 records)."""
+
+    def __init__(self, schema: pa.Schema) -> None:
+        self._schema = schema
+
+    def start_bundle(self) -> None:
+        self._tables: list[pa.Table] = []
+        self._rows = 0
+        self._bytes = 0
+
+    def process(self, table: pa.Table):
+        self._tables.append(table)
+        self._rows += table.num_rows
+        self._bytes += table.nbytes
+        if self._rows >= ROW_GROUP_ROWS or self._bytes >= ROW_GROUP_BYTES:
+            yield self._combined()
+
+    def finish_bundle(self):
+        if self._tables:
+            yield beam.transforms.window.GlobalWindows.windowed_value_at_end_of_window(
+                self._combined()
+            )
+
+    def _combined(self) -> pa.Table:
+        # The writer's schema carries the job's metadata; the tables' columns are the same.
+        tables = [t.replace_schema_metadata(self._schema.metadata) for t in self._tables]
+        self._tables, self._rows, self._bytes = [], 0, 0
+        return pa.concat_tables(tables).combine_chunks()
+
+
+class WriteTableFolder(beam.PTransform):
+    """Tables -> `folder/part-SSSSS-of-NNNNN.parquet`, all with one schema (Beam's
+    WriteToParquetBatched, after small tables are combined into row groups)."""
+
+    def __init__(self, folder: str, schema: pa.Schema) -> None:
+        super().__init__()
+        self._folder = folder
+        self._schema = schema
+
+    def expand(self, tables):
+        return (
+            tables
+            | "CombineTables" >> beam.ParDo(_CombineTables(self._schema))
+            | "WriteToParquet"
+            >> beam.io.WriteToParquetBatched(
+                file_path_prefix=self._folder.rstrip("/") + "/part",
+                schema=self._schema,
+                file_name_suffix=".parquet",
+                codec="zstd",
+            )
         )
