@@ -361,9 +361,14 @@ def test_lead_sum_adds_leads_in_order():
     want = np.zeros((3, 500), np.float32)
     for lead in parts:
         want += lead
-    got = qrs._lead_sum(parts)
+    got = qrs._lead_sum(parts[None])[0]  # one record's leads
     np.testing.assert_array_equal(got, want)
     assert not np.signbit(got[0, :7]).any()  # 0 + -0.0 is +0.0, as in the loop
+    # Several records: each record's leads summed on their own, in the same order.
+    other = parts[::-1].copy()
+    both = qrs._lead_sum(np.stack([parts, other]))
+    np.testing.assert_array_equal(both[0], want)
+    np.testing.assert_array_equal(both[1], qrs._lead_sum(other[None])[0])
 
 
 def test_window_sums_match_direct_sums():

@@ -228,10 +228,17 @@ class GuardedTokenizer:
     per record (`record_tokens.tokenize_batch` runs in the child)."""
 
     def __init__(
-        self, tokenizer_dir: str, timeout_s: float, memory_mb: int, work=None, deid=None
+        self,
+        tokenizer_dir: str,
+        timeout_s: float,
+        memory_mb: int,
+        work=None,
+        deid=None,
+        batch_work=None,
     ) -> None:
-        # `work` runs in the child, per record; tests swap in functions that hang or crash.
-        self._work = _tokenize_in_child if work is None else _PerRecord(work)
+        # What runs in the child: tests swap in functions that hang or crash, per record
+        # (`work`) or per batch (`batch_work`, yielding `tokenize_batch`'s events).
+        self._work = batch_work or (_tokenize_in_child if work is None else _PerRecord(work))
         self._tokenizer_dir = tokenizer_dir
         self._deid = None if deid is None else (deid.key_file, deid.carry_identifiers)
         self._timeout_s = timeout_s

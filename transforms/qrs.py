@@ -182,15 +182,22 @@ def _neighbour_max(v: np.ndarray) -> np.ndarray:
     return np.maximum(v, np.maximum(left, right))
 
 
-def _relative(badness: np.ndarray, usable: np.ndarray) -> np.ndarray:
-    """Weight factor in [0, 1]: a lead much worse than the best usable lead fades out."""
-    best = np.where(usable, badness, np.inf).min(axis=0, keepdims=True)
-    rel = _unit_clip(1.25 * np.maximum(best, 1.0) / badness) ** 2
-    return np.where(np.isfinite(best), rel, 1.0)
+def _by_record(v: np.ndarray, n_leads: int) -> np.ndarray:
+    """(records * leads, ...) -> (records, leads, ...): each record's leads together."""
+    return v.reshape(-1, n_leads, *v.shape[1:])
 
 
-def _weights(peak: np.ndarray, floor: np.ndarray, wander: np.ndarray):
-    """Beat scale and quality weight in [0, 1], per (leads, blocks)."""
+def _relative(badness: np.ndarray, usable: np.ndarray, n_leads: int) -> np.ndarray:
+    """Weight factor in [0, 1]: a lead much worse than the best usable lead of its
+    record fades out. Rows are (records * leads, ...), `n_leads` per record."""
+    bad = _by_record(badness, n_leads)
+    best = np.where(_by_record(usable, n_leads), bad, np.inf).min(axis=1, keepdims=True)
+    rel = _unit_clip(1.25 * np.maximum(best, 1.0) / bad) ** 2
+    return np.where(np.isfinite(best), rel, 1.0).reshape(badness.shape)
+
+
+def _weights(peak: np.ndarray, floor: np.ndarray, wander: np.ndarray, n_leads: int):
+    """Beat scale and quality weight in [0, 1], per (records * leads, blocks)."""
     scale = _running_median(peak, SCALE_BLOCKS)
     # a burst of noise in one block must not lift the scale of the clean blocks around it
     scale = np.minimum(scale, np.maximum(peak, 0.25 * scale))
@@ -199,7 +206,7 @@ def _weights(peak: np.ndarray, floor: np.ndarray, wander: np.ndarray):
     q = _unit_clip(np.log10(ratio / 8.0 + _EPS) / np.log10(5.0))
     q[scale < FLAT_ENERGY] = 0.0
     scale = np.maximum(scale, FLAT_ENERGY)
-    if peak.shape[0] > 1:
+    if n_leads > 1:
         # Artefacts (electrode pops, steps, motion) are sparse and huge, so they pass
         # the peak-to-floor test. Signs of them: block peaks far above the lead's usual
         # beat, a beat scale far above the lead's long-run level (~1 min), and slow
@@ -213,11 +220,13 @@ def _weights(peak: np.ndarray, floor: np.ndarray, wander: np.ndarray):
                 wander / np.sqrt(long),
             ]
         )
-        q = q * _relative(badness, q > 0.2)
+        q = q * _relative(badness, q > 0.2, n_leads)
     return scale, q
 
 
-def _burst_weights(e: np.ndarray, sb: int, scale: np.ndarray, q: np.ndarray) -> np.ndarray:
+def _burst_weights(
+    e: np.ndarray, sb: int, scale: np.ndarray, q: np.ndarray, n_leads: int
+) -> np.ndarray:
     """Per sub-block (~0.5 s) weight factor that demotes a lead during a noise burst.
 
     A burst shorter than a block barely moves the block's floor, so the floor is
@@ -229,17 +238,17 @@ def _burst_weights(e: np.ndarray, sb: int, scale: np.ndarray, q: np.ndarray) -> 
     rep_scale = np.repeat(scale, SUB_BLOCKS, axis=1)[:, :ns]
     usable = np.repeat(q, SUB_BLOCKS, axis=1)[:, :ns] > 0.2
     badness = np.maximum(_neighbour_max(floor_s / rep_scale) / BURST_FLOOR, 1.0)
-    return _relative(badness, usable)
+    return _relative(badness, usable, n_leads)
 
 
 def _lead_sum(parts: np.ndarray) -> np.ndarray:
-    """Sums over the leads (axis 0) of (leads, k, samples), added one lead after another
-    from 0 as a per-lead loop of `+=` does, so the float32 sums are the same bit for bit
-    (np.sum is free to pair terms differently). One addition per lead for all k sums at
-    once, instead of a dozen calls per lead (~0.1 ms on 12 leads)."""
-    acc = parts[0] + np.float32(0.0)  # 0 + x: a -0.0 becomes +0.0, as from zeros
-    for lead in range(1, parts.shape[0]):
-        acc += parts[lead]
+    """Sums over the leads (axis 1) of (records, leads, k, samples), added one lead after
+    another from 0 as a per-lead loop of `+=` does, so the float32 sums are the same bit
+    for bit (np.sum is free to pair terms differently). One addition per lead for all
+    records' k sums at once, instead of a dozen calls per lead (~0.1 ms on 12 leads)."""
+    acc = parts[:, 0] + np.float32(0.0)  # 0 + x: a -0.0 becomes +0.0, as from zeros
+    for lead in range(1, parts.shape[1]):
+        acc += parts[:, lead]
     return acc
 
 
@@ -552,52 +561,74 @@ def _refine(x, fs, xc, fs_c, beats_c, contrib) -> np.ndarray:
 
 def _detect_chunk(x: np.ndarray, fs: float) -> np.ndarray:
     """x: (leads, samples) float32 at fs. Returns R peaks at the original rate."""
-    n_leads, n = x.shape
+    return _detect_chunks(x[None], fs)[0]
+
+
+def _detect_chunks(x: np.ndarray, fs: float) -> list[np.ndarray]:
+    """x: (records, leads, samples) float32 at fs, records of the same shape. Returns each
+    record's R peaks at the original rate.
+
+    Every step runs on all records' leads at once, as rows of a (records * leads, ...)
+    array, and only the steps that compare a record's leads see them grouped: the same
+    arithmetic on each row as for one record alone, so the same beats, at a fraction of
+    the per-call cost on short records (~0.7 ms of a 10 s 12-lead record's 1.3 ms is
+    the fixed cost of ~300 NumPy calls).
+    """
+    n_rec, n_leads, n = x.shape
     if n < 4:
-        return np.zeros(0, dtype=np.int64)
-    xc, fs_c = _to_canonical(x, fs)
+        return [np.zeros(0, dtype=np.int64) for _ in range(n_rec)]
+    xc, fs_c = _to_canonical(x.reshape(n_rec * n_leads, n), fs)
     nc = xc.shape[1]
     sb = max(2, int(round(BLOCK_S / SUB_BLOCKS * fs_c)))  # sub-block, ~0.5 s
     b = SUB_BLOCKS * sb  # block, ~2 s
     d2, e = _lead_features(xc, fs_c)
     peak, floor = _block_stats(e, b, FLOOR_PCT)
-    scale, q = _weights(peak, floor, _block_wander(xc, b))
+    scale, q = _weights(peak, floor, _block_wander(xc, b), n_leads)
     vf, periodic = _busy_blocks(xc, e, fs_c, b, floor > VF_BUSY * peak)
     # periodicity only rescues blocks that no lead can serve by its floor: where a lead
     # is clean, a noisy but rhythmic lead must not gain weight
-    rescue = q.max(axis=0, keepdims=True) < 0.3
-    q = np.where(rescue, np.maximum(q, periodic), q)
+    q_r = _by_record(q, n_leads)
+    rescue = q_r.max(axis=1, keepdims=True) < 0.3
+    q = np.where(rescue, np.maximum(q_r, _by_record(periodic, n_leads)), q_r).reshape(q.shape)
     q[vf] = 0.0
     # per sub-block: the lead's 1/scale and its weight (with the burst factor), then
     # one interpolation to samples
+    rows = n_rec * n_leads
     ns = -(-nc // sb)
     t_s, t_b = (np.arange(ns) + 0.5) * sb, (np.arange(scale.shape[1]) + 0.5) * b
     both_s = _interp_rows(t_s, t_b, np.concatenate([1.0 / scale, q]))
-    inv_s, w_s = both_s[:n_leads], both_s[n_leads:]
+    inv_s, w_s = both_s[:rows], both_s[rows:]
     if n_leads > 1:
-        w_s = w_s * _burst_weights(e, sb, scale, q)
+        w_s = w_s * _burst_weights(e, sb, scale, q, n_leads)
     both = _expand(np.concatenate([inv_s, w_s]), sb, nc)
-    inv, w = both[:n_leads], both[n_leads:]
+    inv, w = both[:rows], both[rows:]
     # fused feature f (capped, normalised energy), fused squared slope g and the weight
-    # sum, on one (leads, 3, samples) stack: each lead's three rows are contiguous
-    parts = np.empty((n_leads, 3, nc), np.float32)
-    fl, gl = parts[:, 0], parts[:, 1]
-    np.multiply(e, inv, out=fl)
+    # sum, on one (records, leads, 3, samples) stack: each lead's three rows contiguous
+    parts = np.empty((n_rec, n_leads, 3, nc), np.float32)
+    fl, gl = parts[:, :, 0], parts[:, :, 1]
+    np.multiply(_by_record(e, n_leads), _by_record(inv, n_leads), out=fl)
     np.minimum(fl, NORM_CAP, out=fl)
-    fl *= w
-    np.multiply(d2, inv, out=gl)
-    gl *= w
-    parts[:, 2] = w
-    f, g, wsum = _lead_sum(parts)
+    fl *= _by_record(w, n_leads)
+    np.multiply(_by_record(d2, n_leads), _by_record(inv, n_leads), out=gl)
+    gl *= _by_record(w, n_leads)
+    parts[:, :, 2] = _by_record(w, n_leads)
+    sums = _lead_sum(parts)  # (records, 3, samples)
+    f, g, wsum = sums[:, 0], sums[:, 1], sums[:, 2]
     norm = 1.0 / np.maximum(wsum, 0.5)
     f *= norm
     g *= norm
     f[wsum < 0.05] = 0.0
-    beats_c = _decide(f, g, fs_c, (e, inv, w) if n_leads > 1 else None)
-    if beats_c.size == 0:
-        return beats_c
-    contrib = w[:, beats_c] * np.minimum(e[:, beats_c] * inv[:, beats_c], NORM_CAP)
-    return _refine(x, fs, xc, fs_c, beats_c, contrib)
+    peaks = []
+    for r in range(n_rec):
+        lo, hi = r * n_leads, (r + 1) * n_leads
+        e_r, inv_r, w_r = e[lo:hi], inv[lo:hi], w[lo:hi]
+        beats_c = _decide(f[r], g[r], fs_c, (e_r, inv_r, w_r) if n_leads > 1 else None)
+        if beats_c.size == 0:
+            peaks.append(beats_c)
+            continue
+        contrib = w_r[:, beats_c] * np.minimum(e_r[:, beats_c] * inv_r[:, beats_c], NORM_CAP)
+        peaks.append(_refine(x[r], fs, xc[lo:hi], fs_c, beats_c, contrib))
+    return peaks
 
 
 def _leads_first(x: np.ndarray) -> np.ndarray:
@@ -611,6 +642,42 @@ def _leads_first(x: np.ndarray) -> np.ndarray:
     return xt
 
 
+def _check_rate(fs: float) -> float:
+    fs = float(fs)
+    if not np.isfinite(fs) or fs <= 0:
+        raise ValueError(f"sampling rate {fs!r} is not valid")
+    return fs
+
+
+def _core_and_overlap(n_leads: int, fs: float) -> tuple[int, int]:
+    """Chunk core and overlap (samples) of a long record."""
+    core = int(min(CHUNK_S * fs, max(60 * fs, MAX_CHUNK_LEAD_SAMPLES // n_leads)))
+    return core, int(OVERLAP_S * fs)
+
+
+def detect_r_peaks_many(signals: list[np.ndarray], fs: float) -> list[np.ndarray]:
+    """`detect_r_peaks` of several records of one shape (samples, leads) and one rate,
+    in one pass over all of them: the same peaks as one record at a time, at a fraction
+    of the cost per record on short records (see `_detect_chunks`)."""
+    fs = _check_rate(fs)
+    if not signals:
+        return []
+    shapes = {np.shape(s) for s in signals}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"records of one (samples, leads) shape are needed, got {shapes}")
+    n, n_leads = next(iter(shapes))
+    core, ov = _core_and_overlap(max(n_leads, 1), fs)
+    if len(signals) == 1 or n == 0 or n_leads == 0 or n > core + 2 * ov:
+        return [detect_r_peaks(s, fs) for s in signals]
+    x = np.empty((len(signals), n_leads, n), dtype=np.float32)
+    for r, s in enumerate(signals):
+        x[r] = np.asarray(s).T
+    finite = np.isfinite(x)
+    if not finite.all():  # non-finite -> 0 (flat), as `_leads_first` does
+        x[~finite] = 0.0
+    return _detect_chunks(x, fs)
+
+
 def detect_r_peaks(signal: np.ndarray, fs: float) -> np.ndarray:
     """R-peak sample indices (sorted, unique, int64) at the original rate.
 
@@ -620,9 +687,7 @@ def detect_r_peaks(signal: np.ndarray, fs: float) -> np.ndarray:
         treated as a flat (lead-off) signal.
     fs : sampling rate, Hz (50 Hz to 20 kHz).
     """
-    fs = float(fs)
-    if not np.isfinite(fs) or fs <= 0:
-        raise ValueError(f"sampling rate {fs!r} is not valid")
+    fs = _check_rate(fs)
     x = np.asarray(signal)
     if x.ndim == 1:
         x = x[:, None]
@@ -631,8 +696,7 @@ def detect_r_peaks(signal: np.ndarray, fs: float) -> np.ndarray:
     n, n_leads = x.shape
     if n == 0 or n_leads == 0:
         return np.zeros(0, dtype=np.int64)
-    core = int(min(CHUNK_S * fs, max(60 * fs, MAX_CHUNK_LEAD_SAMPLES // n_leads)))
-    ov = int(OVERLAP_S * fs)
+    core, ov = _core_and_overlap(n_leads, fs)
     if n <= core + 2 * ov:
         return _detect_chunk(_leads_first(x), fs)
     n_chunks = -(-n // core)
