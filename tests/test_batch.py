@@ -18,8 +18,9 @@ from conftest import data_path
 from ecgtok.models.tokenizer import Tokenizer
 from ecgtok.pipeline.flags import default_tokenizer_dir
 from ecgtok.transforms import record_tokens
+from ecgtok.transforms.beats import FLAG_FLAT, FLAG_SATURATED, beat_quality, beat_quality_many
 from ecgtok.transforms.errors import RecordError
-from ecgtok.transforms.qrs import detect_r_peaks, detect_r_peaks_many
+from ecgtok.transforms.qrs import detect_r_peaks, detect_r_peaks_many, lead_major_stack
 from ecgtok.transforms.record_tokens import FAILED, ROWS, START, record_segments, tokenize_batch
 from ecgtok.transforms.schemas import token_schema
 from ecgtok.transforms.token_table import segment_row
@@ -80,7 +81,8 @@ def test_detection_of_records_together_equals_one_at_a_time():
 
 
 def test_detection_together_keeps_each_records_own_bad_samples():
-    """A lead off (NaN) or flat in one record must not change another's beats."""
+    """A lead off (NaN), flat or clipped in one record must not change another's beats
+    or flags."""
     records = [read_record(h) for h in _heas("cinc2021_12lead", 30)]
     same = [r.signal for r in records if r.signal.shape == (5000, 12)][:4]
     assert len(same) == 4
@@ -88,9 +90,17 @@ def test_detection_together_keeps_each_records_own_bad_samples():
     same[1][1000:3000, 2] = np.nan
     same[2] = same[2].copy()
     same[2][:, 5] = 0.0
+    same[3] = same[3].copy()
+    same[3][:, 1] = np.minimum(same[3][:, 1], 0.2)  # clipped at a rail
     got = detect_r_peaks_many(same, 500.0)
     for sig, peaks in zip(same, got, strict=True):
         np.testing.assert_array_equal(peaks, detect_r_peaks(sig, 500.0))
+    # beat quality too: each record's flags as alone, and the flags do see the faults
+    flags = beat_quality_many(lead_major_stack(same), 500.0, got)
+    for sig, peaks, f in zip(same, got, flags, strict=True):
+        np.testing.assert_array_equal(f, beat_quality(sig, 500.0, peaks))
+    assert (flags[1] & FLAG_FLAT).any() and (flags[3] & FLAG_SATURATED).any()
+    assert not (flags[0] & (FLAG_FLAT | FLAG_SATURATED)).any()
     with pytest.raises(ValueError, match="one"):
         detect_r_peaks_many([same[0], same[0][:100]], 500.0)
 

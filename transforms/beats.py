@@ -14,6 +14,8 @@ and last beats are flagged like any other.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy.ndimage import maximum_filter1d, minimum_filter1d, uniform_filter1d
 
@@ -169,40 +171,86 @@ def _window_sums(v: np.ndarray, bounds: np.ndarray, dtype) -> np.ndarray:
     return np.where(empty[:, None, :], 0, sums)
 
 
+class _Passes(NamedTuple):
+    """The per-sample passes of `beat_quality` over (rows, samples) lead-major signals:
+    every row (lead) on its own, so rows of several records can share one call."""
+
+    xf: np.ndarray  # the signal, non-finite samples as 0
+    off: np.ndarray | None  # flat or non-finite samples, or None where there are none
+    sat: np.ndarray | None  # clipped samples, or None where there are none
+    resid: np.ndarray  # squared broadband residual (signal minus its 40 ms mean)
+
+
+def _passes(xt: np.ndarray, fs: float) -> _Passes:
+    finite = np.isfinite(xt)
+    all_finite = bool(finite.all())
+    off = _lead_off_rows(xt, fs, finite=finite)
+    xf = xt if all_finite else np.where(finite, xt, np.float32(0.0))
+    resid = xf - uniform_filter1d(xf, max(1, int(round(0.04 * fs))) | 1, axis=1)
+    resid *= resid
+    return _Passes(xf, off if off.any() else None, _saturation_rows(xt, fs, finite=finite), resid)
+
+
+def _rows(passes: _Passes, lo: int, hi: int) -> _Passes:
+    """The passes of rows [lo, hi) (one record's leads)."""
+    off, sat = passes.off, passes.sat
+    return _Passes(
+        passes.xf[lo:hi],
+        None if off is None or not off[lo:hi].any() else off[lo:hi],
+        None if sat is None or not sat[lo:hi].any() else sat[lo:hi],
+        passes.resid[lo:hi],
+    )
+
+
 def beat_quality(signal: np.ndarray, fs: float, r_peaks: np.ndarray) -> np.ndarray:
     """uint8 flags per beat (see the module doc). Costs a few passes over the record."""
     xt = _lead_major(signal)
     r = np.asarray(r_peaks, dtype=np.int64).ravel()
+    if r.size == 0 or xt.shape[1] == 0:
+        return np.zeros(r.size, dtype=np.uint8)
+    return _flags(_passes(xt, fs), fs, r)
+
+
+def beat_quality_many(stack: np.ndarray, fs: float, r_peaks: list[np.ndarray]) -> list[np.ndarray]:
+    """`beat_quality` of several records of one shape, given lead-major as (records,
+    leads, samples) float32: the per-sample passes run once over all their leads."""
+    n_rec, n_leads, n = stack.shape
+    peaks = [np.asarray(r, dtype=np.int64).ravel() for r in r_peaks]
+    if n == 0:
+        return [np.zeros(r.size, dtype=np.uint8) for r in peaks]
+    passes = _passes(stack.reshape(n_rec * n_leads, n), fs)
+    return [
+        _flags(_rows(passes, i * n_leads, (i + 1) * n_leads), fs, r)
+        if r.size
+        else np.zeros(0, np.uint8)
+        for i, r in enumerate(peaks)
+    ]
+
+
+def _flags(passes: _Passes, fs: float, r: np.ndarray) -> np.ndarray:
+    """One record's flags per beat from its passes; `r` non-empty."""
+    xf = passes.xf
     flags = np.zeros(r.size, dtype=np.uint8)
-    n_leads, n = xt.shape
-    if r.size == 0 or n == 0:
-        return flags
+    n_leads, n = xf.shape
     r = np.minimum(np.maximum(r, 0), n - 1)  # np.clip: ~15 us of Python per call
     pre, post, q = (int(round(v * fs)) for v in (PRE_S, POST_S, QRS_S))
     lo, hi = np.maximum(r - pre, 0), np.minimum(r + post + 1, n)
     qlo, qhi = np.maximum(r - q, 0), np.minimum(r + q + 1, n)
     length = (hi - lo)[:, None].astype(np.float64)
     whole = np.stack([lo, hi], axis=1)  # each beat's window
-    finite = np.isfinite(xt)
-    all_finite = bool(finite.all())
 
-    off = _lead_off_rows(xt, fs, finite=finite)
-    if off.any():  # flat samples per window: exact counts
-        flat_frac = _window_sums(off, whole, np.int64)[:, :, 0] / length  # (beats, leads)
+    if passes.off is not None:  # flat samples per window: exact counts
+        flat_frac = _window_sums(passes.off, whole, np.int64)[:, :, 0] / length  # (beats, leads)
         flags[(flat_frac > 0.5).any(axis=1)] |= FLAG_FLAT
     else:  # the common case: no per-sample work
         flat_frac = np.zeros((r.size, n_leads))
 
-    sat = _saturation_rows(xt, fs, finite=finite)
-    if sat is not None:
-        flags[(_window_sums(sat, whole, np.int64) > 0).any(axis=(1, 2))] |= FLAG_SATURATED
+    if passes.sat is not None:
+        flags[(_window_sums(passes.sat, whole, np.int64) > 0).any(axis=(1, 2))] |= FLAG_SATURATED
 
     # noise: broadband residual outside the QRS against the QRS peak-to-peak
-    xf = xt if all_finite else np.where(finite, xt, np.float32(0.0))
-    resid = xf - uniform_filter1d(xf, max(1, int(round(0.04 * fs))) | 1, axis=1)
-    resid *= resid
     # squares summed in float64 before and after the QRS: [lo, qlo) and [qhi, hi)
-    parts = _window_sums(resid, np.stack([lo, qlo, qhi, hi], axis=1), np.float64)
+    parts = _window_sums(passes.resid, np.stack([lo, qlo, qhi, hi], axis=1), np.float64)
     outside_sum = parts[:, :, 0] + parts[:, :, 2]
     outside_n = np.maximum(length - (qhi - qlo)[:, None], 1.0)
     rms = np.sqrt(np.maximum(outside_sum, 0.0) / outside_n)

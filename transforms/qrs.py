@@ -669,12 +669,30 @@ def detect_r_peaks_many(signals: list[np.ndarray], fs: float) -> list[np.ndarray
     core, ov = _core_and_overlap(max(n_leads, 1), fs)
     if len(signals) == 1 or n == 0 or n_leads == 0 or n > core + 2 * ov:
         return [detect_r_peaks(s, fs) for s in signals]
+    return detect_r_peaks_stacked(lead_major_stack(signals), fs)
+
+
+def lead_major_stack(signals: list[np.ndarray]) -> np.ndarray:
+    """Records of one (samples, leads) shape as one (records, leads, samples) float32
+    array: each lead a contiguous row, as the detector and beat quality read them."""
+    n, n_leads = np.shape(signals[0])
     x = np.empty((len(signals), n_leads, n), dtype=np.float32)
     for r, s in enumerate(signals):
         x[r] = np.asarray(s).T
+    return x
+
+
+def detect_r_peaks_stacked(x: np.ndarray, fs: float) -> list[np.ndarray]:
+    """`detect_r_peaks` of each record of a `lead_major_stack` (short records: see
+    `detect_r_peaks_many`). Non-finite samples are read as 0 (flat), in a copy."""
+    fs = _check_rate(fs)
+    n_rec, n_leads, n = x.shape
+    core, ov = _core_and_overlap(max(n_leads, 1), fs)
+    if n == 0 or n_leads == 0 or n > core + 2 * ov:
+        return [detect_r_peaks(r.T, fs) for r in x]
     finite = np.isfinite(x)
     if not finite.all():  # non-finite -> 0 (flat), as `_leads_first` does
-        x[~finite] = 0.0
+        x = np.where(finite, x, np.float32(0.0))
     return _detect_chunks(x, fs)
 
 

@@ -315,13 +315,14 @@ def _same_shape_segments(
 ) -> list[Segment]:
     """The one segment of each of several whole records of one shape and rate, every
     stage run once for all of them: the same rows as one record at a time."""
-    from ecgtok.transforms.beats import FLAG_NOISE_MASK, beat_quality
-    from ecgtok.transforms.qrs import detect_r_peaks_many
+    from ecgtok.transforms.beats import FLAG_NOISE_MASK, beat_quality_many
+    from ecgtok.transforms.qrs import detect_r_peaks_stacked, lead_major_stack
 
     fs = records[0].fs
     signals = [r.signal for r in records]
-    peaks = [np.asarray(p, dtype=np.int64) for p in detect_r_peaks_many(signals, fs)]
-    flags = [np.asarray(beat_quality(s, fs, p), dtype=np.uint8) for s, p in zip(signals, peaks)]
+    stack = lead_major_stack(signals)  # one transposed copy for detection and quality
+    peaks = [np.asarray(p, dtype=np.int64) for p in detect_r_peaks_stacked(stack, fs)]
+    flags = [np.asarray(f, dtype=np.uint8) for f in beat_quality_many(stack, fs, peaks)]
     noisy = [(f & FLAG_NOISE_MASK) != 0 for f in flags]
     encoded = tokenizer.encode_beats_many(signals, fs, peaks, noisy)
     return [
