@@ -191,3 +191,39 @@ def test_a_hang_in_a_group_lands_on_its_record_alone():
             assert isinstance(outcome, RecordError) and outcome.error_type == "timeout"
         else:
             assert outcome == [{"record_id": ids[i]} for i in indices]
+
+
+def which_child(requests):
+    """A guard's batch work: answers after a while with the process that did it."""
+    import time
+
+    everyone = list(range(len(requests)))
+    yield START, everyone, None
+    time.sleep(0.3)
+    yield ROWS, everyone, os.getpid()
+
+
+def test_the_pool_spreads_one_callers_batches_over_every_child():
+    """Beam gives each worker thread an equal share of the records; with the pool, the
+    batches of a thread still working go to whichever child is idle."""
+    import queue
+
+    from ecgtok.transforms.isolation import ChildPool
+
+    # two users (two DoFns), so two children
+    pools = [
+        ChildPool.acquire(default_tokenizer_dir(), 30, 0, batch_work=which_child) for _ in "ab"
+    ]
+    assert pools[0] is pools[1] and pools[0].children == 2
+    replies: queue.Queue = queue.Queue()
+    try:
+        for tag in range(4):  # all from one caller
+            pools[0].submit([("p", f"r{tag}", 300.0, {})], replies, tag)
+        answers = [replies.get(timeout=60) for _ in range(4)]
+    finally:
+        for pool in pools:
+            pool.release()
+    assert sorted(tag for tag, _ in answers) == [0, 1, 2, 3]
+    pids = {outcomes[0][1] for _, outcomes in answers}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert pools[0].children == 0

@@ -37,7 +37,9 @@ import contextlib
 import multiprocessing as mp
 import os
 import pickle
+import queue
 import sys
+import threading
 
 from ecgtok.transforms.errors import TRANSIENT_ERRORS, RecordError
 
@@ -240,7 +242,7 @@ class GuardedTokenizer:
         # (`work`) or per batch (`batch_work`, yielding `tokenize_batch`'s events).
         self._work = batch_work or (_tokenize_in_child if work is None else _PerRecord(work))
         self._tokenizer_dir = tokenizer_dir
-        self._deid = None if deid is None else (deid.key_file, deid.carry_identifiers)
+        self._deid = _deid_key(deid)
         self._timeout_s = timeout_s
         self._memory_mb = memory_mb
         self._child = None
@@ -376,3 +378,79 @@ class GuardedTokenizer:
             with contextlib.suppress(BrokenPipeError, OSError):
                 self._conn.send(None)  # ask the child to exit
         self._discard_child()
+
+
+def _deid_key(deid) -> tuple | None:
+    return None if deid is None else (deid.key_file, deid.carry_identifiers)
+
+
+class ChildPool:
+    """Guarded children shared by the tokenizing DoFns of one process.
+
+    Beam's local runner splits a stage's records into equal parts, one per worker
+    thread, so a thread whose child runs a little slower (its core also runs the
+    launcher) finished a second or more after the other, with one core idle. Here each
+    DoFn adds one child to its process's pool and hands batches to the pool; any idle
+    child takes the next batch, whichever thread sent it, so both children work until
+    the last batch. Batches run in `GuardedTokenizer`s, with their bounds.
+
+    `acquire` / `release` count the DoFns using a pool (one pool per set of settings);
+    `submit` queues a batch, and its outcomes (`GuardedTokenizer.tokenize_many`'s, as a
+    list, or the exception that stopped them) go to the caller's queue with its tag.
+    """
+
+    _pools: dict[tuple, ChildPool] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, settings: tuple) -> None:
+        self._settings = settings
+        self._work: queue.Queue = queue.Queue()
+        self._users = 0
+
+    @classmethod
+    def acquire(
+        cls, tokenizer_dir: str, timeout_s: float, memory_mb: int, deid=None, batch_work=None
+    ) -> ChildPool:
+        """The pool for these settings, with one more child for the caller (`batch_work`:
+        see GuardedTokenizer)."""
+        key = (tokenizer_dir, timeout_s, memory_mb, _deid_key(deid), batch_work)
+        with cls._lock:
+            pool = cls._pools.get(key)
+            if pool is None:
+                pool = cls._pools[key] = ChildPool(key)
+            pool._users += 1
+        guard = GuardedTokenizer(
+            tokenizer_dir, timeout_s, memory_mb, deid=deid, batch_work=batch_work
+        )
+        threading.Thread(target=pool._serve, args=(guard,), daemon=True).start()
+        return pool
+
+    def release(self) -> None:
+        """One user fewer: one child stops (the last user's stops the pool)."""
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._pools.pop(self._settings, None)
+        self._work.put(None)
+
+    @property
+    def children(self) -> int:
+        return self._users
+
+    def submit(self, requests: list[tuple], reply: queue.Queue, tag) -> None:
+        self._work.put((requests, reply, tag))
+
+    def _serve(self, guard: GuardedTokenizer) -> None:
+        try:
+            while True:
+                item = self._work.get()
+                if item is None:
+                    return
+                requests, reply, tag = item
+                try:
+                    outcomes = list(guard.tokenize_many(requests))
+                except BaseException as exc:  # handed to the caller, who raises it
+                    outcomes = exc
+                reply.put((tag, outcomes))
+        finally:
+            guard.close()

@@ -12,6 +12,7 @@ pickles and runs on any runner.
 from __future__ import annotations
 
 import logging
+import queue
 from dataclasses import dataclass
 
 import apache_beam as beam
@@ -28,6 +29,12 @@ NAMESPACE = "ecgtok"
 BATCH_RECORDS = 16
 ERRORS = "errors"
 _LOG = logging.getLogger(__name__)
+
+
+def _in_global_window(value):
+    """An output of `finish_bundle`, which must carry its window: this batch job's
+    elements all live in the global window."""
+    return beam.transforms.window.GlobalWindows.windowed_value_at_end_of_window(value)
 
 
 def error_row(ref: RecordRef, stage: str, error_type: str, message: str) -> dict:
@@ -75,7 +82,13 @@ class DiscoverRecords(beam.PTransform):
 
 
 class _TokenizeRecordFn(beam.DoFn):
-    """RecordRef -> token rows, or one error row on the `errors` output."""
+    """Batches of RecordRefs -> tables of token rows, and one error row per failed
+    record on the `errors` output.
+
+    Guarded (the default), batches go to the process's pool of guarded children
+    (`isolation.ChildPool`) and their outcomes are emitted as they come back, a few
+    batches behind, the rest at the end of the bundle.
+    """
 
     def __init__(
         self, tokenizer_dir: str, segment_s: float, extra_columns: list[str], limits, deid=None
@@ -88,17 +101,14 @@ class _TokenizeRecordFn(beam.DoFn):
 
     def setup(self) -> None:
         from ecgtok.models.tokenizer import Tokenizer
-        from ecgtok.transforms.isolation import GuardedTokenizer
+        from ecgtok.transforms.isolation import ChildPool
 
         self._tokenizer = Tokenizer.load(self._tokenizer_dir)
         self._policy = self._deid.policy() if self._deid is not None else None
-        self._guard = None
+        self._pool = None
         if self._limits.isolate:
-            self._guard = GuardedTokenizer(
-                self._tokenizer_dir,
-                self._limits.timeout_s,
-                self._limits.memory_mb,
-                deid=self._deid,
+            self._pool = ChildPool.acquire(
+                self._tokenizer_dir, self._limits.timeout_s, self._limits.memory_mb, self._deid
             )
         self._tokenized = Metrics.counter(NAMESPACE, "records_tokenized")
         self._failed = Metrics.counter(NAMESPACE, "records_failed")
@@ -106,9 +116,50 @@ class _TokenizeRecordFn(beam.DoFn):
         self._tokens = Metrics.counter(NAMESPACE, "tokens")
         self._segments = Metrics.counter(NAMESPACE, "segments")
 
+    def start_bundle(self) -> None:
+        # A new queue per bundle: answers of a failed bundle's batches still in the pool
+        # go to the old one and are never read as this bundle's.
+        self._replies: queue.Queue = queue.Queue()
+        self._in_flight: dict[int, list[RecordRef]] = {}
+        self._next_tag = 0
+
     def process(self, refs: list[RecordRef]):
+        requests = self._requests(refs)
+        if self._pool is None:
+            from ecgtok.transforms.record_tokens import START, tokenize_batch
+
+            events = tokenize_batch(requests, self._tokenizer, self._policy)
+            outcomes = [(indices, payload) for kind, indices, payload in events if kind != START]
+            yield from self._outputs(refs, outcomes)
+            return
+        tag, self._next_tag = self._next_tag, self._next_tag + 1
+        self._in_flight[tag] = refs
+        self._pool.submit(requests, self._replies, tag)
+        # Keep every child of the pool fed, then emit whatever has come back.
+        while len(self._in_flight) > self._pool.children:
+            yield from self._answered(block=True)
+        while not self._replies.empty():
+            yield from self._answered(block=False)
+
+    def finish_bundle(self):
+        while self._in_flight:
+            for out in self._answered(block=True):
+                if isinstance(out, beam.pvalue.TaggedOutput):
+                    yield beam.pvalue.TaggedOutput(out.tag, _in_global_window(out.value))
+                else:
+                    yield _in_global_window(out)
+
+    def _answered(self, block: bool):
+        """The outputs of one batch back from the pool."""
+        tag, outcomes = self._replies.get(block=block)
+        refs = self._in_flight.pop(tag)
+        if isinstance(outcomes, BaseException):
+            raise outcomes
+        yield from self._outputs(refs, outcomes)
+
+    def _requests(self, refs: list[RecordRef]) -> list[tuple]:
         names = extra_field_names(self._extra_columns)
-        requests = [
+        return [
             (
                 ref.source_path,
                 ref.record_id,
@@ -117,7 +168,10 @@ class _TokenizeRecordFn(beam.DoFn):
             )
             for ref in refs
         ]
-        for indices, outcome in self._outcomes(requests):
+
+    def _outputs(self, refs: list[RecordRef], outcomes):
+        """A table per group of records that succeeded, an error row per one that failed."""
+        for indices, outcome in outcomes:
             if isinstance(outcome, pa.Table):
                 yield from self._emit(outcome, len(indices))
                 continue
@@ -131,18 +185,6 @@ class _TokenizeRecordFn(beam.DoFn):
                 _LOG.error("unexpected failure on %s: %r", ref.record_id, outcome)
                 yield from self._fail(ref, "tokenize", type(outcome).__name__, str(outcome))
 
-    def _outcomes(self, requests: list[tuple]):
-        """(indices, table of their rows, or one record's exception): in the guarded
-        child, or in-process."""
-        if self._guard is not None:
-            yield from self._guard.tokenize_many(requests)
-            return
-        from ecgtok.transforms.record_tokens import START, tokenize_batch
-
-        for kind, indices, payload in tokenize_batch(requests, self._tokenizer, self._policy):
-            if kind != START:
-                yield indices, payload
-
     def _emit(self, table: pa.Table, n_records: int):
         self._tokenized.inc(n_records)
         self._segments.inc(table.num_rows)
@@ -151,8 +193,9 @@ class _TokenizeRecordFn(beam.DoFn):
         yield table
 
     def teardown(self) -> None:
-        if getattr(self, "_guard", None) is not None:
-            self._guard.close()
+        if getattr(self, "_pool", None) is not None:
+            self._pool.release()
+            self._pool = None
 
     def _fail(self, ref: RecordRef, stage: str, error_type: str, message: str):
         self._failed.inc()
@@ -322,9 +365,7 @@ class _CombineTables(beam.DoFn):
 
     def finish_bundle(self):
         if self._tables:
-            yield beam.transforms.window.GlobalWindows.windowed_value_at_end_of_window(
-                self._combined()
-            )
+            yield _in_global_window(self._combined())
 
     def _combined(self) -> pa.Table:
         # The writer's schema carries the job's metadata; the tables' columns are the same.
