@@ -25,8 +25,10 @@ from ecgtok.transforms.errors import TRANSIENT_ERRORS, RecordError
 from ecgtok.transforms.schemas import extra_field_names
 
 NAMESPACE = "ecgtok"
-# Records per batch handed to one tokenizing DoFn call (one guarded-child pipeline).
-BATCH_RECORDS = 16
+# Records per batch handed to one tokenizing DoFn call: one message to a guarded child
+# and one table back. Interleaved 11,000-record runs: 16 -> 32 saved ~0.8 s of ~28 s of
+# per-batch cost in the launcher; 64 was within the host's noise of 32.
+BATCH_RECORDS = 32
 ERRORS = "errors"
 _LOG = logging.getLogger(__name__)
 
