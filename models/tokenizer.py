@@ -41,7 +41,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ecgtok.transforms import windows as W
-from ecgtok.transforms.atrial import ATRIAL_END, ATRIAL_LEN, ATRIAL_START, atrial_windows
+from ecgtok.transforms.atrial import (
+    ATRIAL_END,
+    ATRIAL_LEN,
+    ATRIAL_START,
+    atrial_windows,
+    atrial_windows_many,
+)
 
 FORMAT_VERSION = 1
 PAD, SEP, UNK, CLS, MASK = 0, 1, 2, 3, 4
@@ -276,20 +282,20 @@ class Tokenizer:
         noisy: list[np.ndarray],
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
         """`encode_beats` of several recordings of one shape and rate, each step run once
-        for all of them (one filter pass over all leads, one codebook search over all
-        beats): the same words as one recording at a time, with less per-call cost."""
+        for all of them (one filter pass over all leads, one cut of all beats, one
+        codebook search): the same words as one recording at a time, with less per-call
+        cost."""
         has_atrial = self.atrial_codebook is not None
         n_leads = signals[0].shape[1]
-        cleans = view_signals(signals, fs, self.view)
+        clean = view_signals(signals, fs, self.view)  # (n, recordings, leads)
         r100 = [W.to_window_rate(r, fs) for r in r_peaks]
-        cut = [W.beat_windows(c, r) for c, r in zip(cleans, r100)]
-        counts = [w.shape[0] for w in cut]
-        wins = shape_windows(np.concatenate(cut), self.view)
-        words = self.encode_windows(wins, np.concatenate(noisy).astype(bool))
+        counts = [r.size for r in r100]
+        all_noisy = np.concatenate(noisy).astype(bool)
+        wins = shape_windows(W.beat_windows_many(clean, r100), self.view)
+        words = self.encode_windows(wins, all_noisy)
         atrial = None
         if has_atrial:
-            a_wins = np.concatenate([atrial_windows(c, r) for c, r in zip(cleans, r100)])
-            atrial = self.encode_atrial(a_wins, np.concatenate(noisy).astype(bool))
+            atrial = self.encode_atrial(atrial_windows_many(clean, r100), all_noisy)
         out = []
         start = 0
         for count, r in zip(counts, r_peaks):
@@ -493,14 +499,14 @@ def _with_half_norms(words: np.ndarray) -> np.ndarray:
     return out
 
 
-def view_signals(signals: list[np.ndarray], fs: float, view: dict) -> list[np.ndarray]:
-    """`view_signal` of several recordings of one shape: their leads side by side, one
-    filter pass for all (each lead is filtered on its own, so the same numbers)."""
+def view_signals(signals: list[np.ndarray], fs: float, view: dict) -> np.ndarray:
+    """`view_signal` of several recordings of one shape, as one (n, recordings, leads)
+    array: their leads side by side through one filter pass (each lead is filtered on
+    its own, so the same numbers)."""
     if len(signals) == 1 or not view.get("resample_first"):
-        return [view_signal(s, fs, view) for s in signals]
-    n_leads = signals[0].shape[1]
+        return np.stack([view_signal(s, fs, view) for s in signals], axis=1)
     clean = view_signal(np.concatenate(signals, axis=1), fs, view)
-    return [clean[:, i * n_leads : (i + 1) * n_leads] for i in range(len(signals))]
+    return clean.reshape(clean.shape[0], len(signals), signals[0].shape[1])
 
 
 def shape_windows(wins: np.ndarray, view: dict) -> np.ndarray:

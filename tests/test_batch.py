@@ -227,3 +227,27 @@ def test_the_pool_spreads_one_callers_batches_over_every_child():
     pids = {outcomes[0][1] for _, outcomes in answers}
     assert len(pids) == 2 and os.getpid() not in pids
     assert pools[0].children == 0
+
+
+def test_windows_of_recordings_together_equal_each_alone(tok):
+    """Beat and atrial windows cut for several recordings at once (one with no beat, one
+    with a single beat, beats at both edges) equal those cut one recording at a time."""
+    from ecgtok.models.tokenizer import view_signals
+    from ecgtok.transforms import windows as W
+    from ecgtok.transforms.atrial import atrial_windows, atrial_windows_many
+
+    records = [read_record(h) for h in _heas("cinc2021_12lead", 30)]
+    signals = [r.signal for r in records if r.signal.shape == (5000, 12)][:5]
+    clean = view_signals(signals, 500.0, tok.view)
+    n = clean.shape[0]
+    peaks = [
+        W.to_window_rate(detect_r_peaks(signals[0], 500.0), 500.0),
+        np.zeros(0, dtype=np.int64),
+        np.array([n // 2]),
+        np.array([0, 3, 40, n - 30, n - 1]),
+        W.to_window_rate(detect_r_peaks(signals[4], 500.0), 500.0),
+    ]
+    alone_beats = [W.beat_windows(clean[:, i], p) for i, p in enumerate(peaks)]
+    alone_atrial = [atrial_windows(clean[:, i], p) for i, p in enumerate(peaks)]
+    np.testing.assert_array_equal(W.beat_windows_many(clean, peaks), np.concatenate(alone_beats))
+    np.testing.assert_array_equal(atrial_windows_many(clean, peaks), np.concatenate(alone_atrial))

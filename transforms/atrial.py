@@ -43,30 +43,44 @@ def atrial_windows(clean: np.ndarray, r_peaks: np.ndarray) -> np.ndarray:
     `clean` is the tokenizer's 100 Hz view (n, leads); `r_peaks` are indices into it.
     Masked samples (the previous beat's ST-T, outside the recording) are 0.
     """
-    n, n_leads = clean.shape
-    r = np.asarray(r_peaks, dtype=np.int64)
+    return atrial_windows_many(clean[:, None, :], [r_peaks])
+
+
+def atrial_windows_many(clean: np.ndarray, r_peaks: list[np.ndarray]) -> np.ndarray:
+    """`atrial_windows` of several recordings of one length at once: `clean` (n,
+    records, leads), one R-peak array each; windows one recording after another, each
+    the same as alone."""
+    from ecgtok.transforms.windows import _beats_of
+
+    n, _, n_leads = clean.shape
+    r, record, first, _ = _beats_of(r_peaks)
     if r.size == 0 or n == 0:
         return np.zeros((0, n_leads, ATRIAL_LEN), dtype=np.float32)
     idx = r[:, None] + np.arange(ATRIAL_START, ATRIAL_END)[None, :]  # (beats, L)
     keep = (idx >= 0) & (idx < n)
-    # The previous beat's repolarisation; the first beat has no known previous beat.
+    # The previous beat's repolarisation; a recording's first beat has no known previous.
     rr_prev = np.diff(r, prepend=r[0] - 10**6)
+    rr_prev[first] = 10**6
     after = np.minimum(PREVIOUS_BEAT_MAX, (PREVIOUS_BEAT_FRACTION * rr_prev).astype(np.int64))
     keep &= idx >= (r - rr_prev + after)[:, None]
     keep[np.count_nonzero(keep, axis=1) < MIN_KEPT] = False
-    w = clean[np.clip(idx, 0, n - 1)].transpose(0, 2, 1).astype(np.float64)  # (beats, leads, L)
+    rows = record[:, None]
+    w = (
+        clean[np.clip(idx, 0, n - 1), rows].transpose(0, 2, 1).astype(np.float64)
+    )  # (beats, leads, L)
     kept = keep[:, None, :]
     count = np.maximum(np.count_nonzero(keep, axis=1), 1)[:, None, None]
     mean = np.where(kept, w, 0.0).sum(axis=2, keepdims=True) / count
-    qrs = _qrs_amplitude(clean, r)[:, :, None]  # (beats, leads, 1)
+    qrs = _qrs_amplitude(clean, r, rows)[:, :, None]  # (beats, leads, 1)
     scale = np.where(qrs > MIN_QRS, 1.0 / np.maximum(qrs, MIN_QRS), 0.0)
     out = np.where(kept, (w - mean) * scale, 0.0)
     return np.clip(out, -1.0, 1.0).astype(np.float32)
 
 
-def _qrs_amplitude(clean: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Peak-to-peak of each lead within +-QRS_HALF samples of each R peak, (beats, leads)."""
+def _qrs_amplitude(clean: np.ndarray, r: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Peak-to-peak of each lead within +-QRS_HALF samples of each R peak, (beats, leads);
+    `clean` (n, records, leads), `rows` the recording of each beat (beats, 1)."""
     n = clean.shape[0]
     idx = np.clip(r[:, None] + np.arange(-QRS_HALF, QRS_HALF + 1)[None, :], 0, n - 1)
-    seg = clean[idx]  # (beats, 2h+1, leads)
+    seg = clean[idx, rows]  # (beats, 2h+1, leads)
     return (seg.max(axis=1) - seg.min(axis=1)).astype(np.float64)
