@@ -16,6 +16,7 @@ from ecgtok.pipeline.discovery import DeidSettings
 from ecgtok.pipeline.outputs import join
 from ecgtok.transforms import schemas
 from ecgtok.transforms.stages import (
+    BATCH_RECORDS,
     DiscoverRecords,
     RecordLimits,
     ScoreRecords,
@@ -51,9 +52,11 @@ def build_tokenize(p: beam.Pipeline, cfg: JobConfig):
     """discover -> read -> find beats -> tokenize -> tokens/ and errors/. Returns the
     tables of token rows."""
     meta = {"ecgtok_tokenizer_id": cfg.tokenizer_id, "ecgtok_version": __version__}
-    refs = p | "DiscoverRecords" >> DiscoverRecords(cfg.input, cfg.listing, cfg.deid)
-    result = refs | "TokenizeRecords" >> TokenizeRecords(
-        cfg.tokenizer_dir, cfg.segment_s, cfg.extra_columns, cfg.limits, cfg.deid
+    batches = p | "DiscoverRecords" >> DiscoverRecords(
+        cfg.input, cfg.listing, cfg.deid, batch_size=BATCH_RECORDS
+    )
+    result = batches | "TokenizeRecords" >> TokenizeRecords(
+        cfg.tokenizer_dir, cfg.segment_s, cfg.extra_columns, cfg.limits, cfg.deid, batched=True
     )
     _ = result.tables | "WriteTokenShards" >> WriteTableFolder(
         join(cfg.output, "tokens"), schemas.token_schema(cfg.extra_columns, meta)
