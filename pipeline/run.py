@@ -19,7 +19,12 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from ecgtok.pipeline import chunks, graph, outputs, runners
 from ecgtok.pipeline.discovery import DeidSettings, check_source, manifest_columns
 from ecgtok.pipeline.flags import default_model_dir, default_tokenizer_dir
-from ecgtok.pipeline.options import EcgtokOptions, is_local_default, local_runner
+from ecgtok.pipeline.options import (
+    EcgtokOptions,
+    is_local_default,
+    local_children,
+    local_runner,
+)
 from ecgtok.transforms.stages import RecordLimits
 
 _LOG = logging.getLogger(__name__)
@@ -196,11 +201,13 @@ def _pipeline_options(argv: list[str]) -> tuple[PipelineOptions, EcgtokOptions]:
     return options, options.view_as(EcgtokOptions)
 
 
-def _make_pipeline(options: PipelineOptions, test_pipeline) -> tuple[beam.Pipeline, str]:
+def _make_pipeline(
+    options: PipelineOptions, test_pipeline, pooled: bool = False
+) -> tuple[beam.Pipeline, str]:
     if test_pipeline is not None:
         return test_pipeline, type(test_pipeline.runner).__name__
     if is_local_default(options):
-        p = beam.Pipeline(runner=local_runner(options), options=options)
+        p = beam.Pipeline(runner=local_runner(options, pooled), options=options)
         return p, f"FnApiRunner({options.get_all_options()['direct_running_mode']})"
     try:
         p = beam.Pipeline(options=options)
@@ -294,10 +301,16 @@ def run_job(argv: list[str], mode: str = RUN, test_pipeline=None) -> JobOutcome:
     runner_name = ""
     extra_counts: dict = {}
 
+    pooled = mode in (TOKENIZE, RUN) and cfg.limits.isolate
+
     def run_one(listing: str | None, out_dir: str):
         nonlocal runner_name
-        p, runner_name = _make_pipeline(options, test_pipeline)
-        _BUILDERS[mode](p, dataclasses.replace(cfg, output=out_dir, listing=listing))
+        p, runner_name = _make_pipeline(options, test_pipeline, pooled)
+        limits = cfg.limits
+        if test_pipeline is None and is_local_default(options):
+            limits = dataclasses.replace(limits, children=local_children(options))
+        job = dataclasses.replace(cfg, output=out_dir, listing=listing, limits=limits)
+        _BUILDERS[mode](p, job)
         result = p.run()
         result.wait_until_finish()
         return result

@@ -125,9 +125,22 @@ def test_runner_that_needs_a_download_fails_at_once(archive, tmp_path, runner_ar
 def test_the_local_runner_keeps_what_the_user_set(argv, expected):
     from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions
 
-    from ecgtok.pipeline.options import local_runner
+    from ecgtok.pipeline.options import local_children, local_runner
 
     options = PipelineOptions(argv)
     local_runner(options)
     direct = options.view_as(DirectOptions)
     assert (direct.direct_running_mode, direct.direct_num_workers) == expected
+    # A job with a pool of guarded children keeps them too, with a child per worker
+    # (in_memory: its one worker feeds a child per core).
+    pooled = PipelineOptions(argv)
+    local_runner(pooled, pooled=True)
+    direct = pooled.view_as(DirectOptions)
+    if argv:
+        assert (direct.direct_running_mode, direct.direct_num_workers) == expected
+    else:  # nothing given: one worker thread in_memory, feeding a child per core
+        assert (direct.direct_running_mode, direct.direct_num_workers) == ("in_memory", 1)
+    cores = os.cpu_count() or 1
+    in_memory = direct.direct_running_mode == "in_memory"
+    want = max(1, cores // direct.direct_num_workers) if in_memory else 1
+    assert local_children(pooled) == want

@@ -394,7 +394,9 @@ class ChildPool:
     child takes the next batch, whichever thread sent it, so both children work until
     the last batch. Batches run in `GuardedTokenizer`s, with their bounds.
 
-    `acquire` / `release` count the DoFns using a pool (one pool per set of settings);
+    `acquire` / `release` count the children DoFns add to a pool (one pool per set of
+    settings: one child per DoFn on a runner with a worker thread per core, a child per
+    core for a local `in_memory` job's single DoFn);
     `submit` queues a batch, and its outcomes (`GuardedTokenizer.tokenize_many`'s, as a
     list, or the exception that stopped them) go to the caller's queue with its tag.
     """
@@ -409,29 +411,37 @@ class ChildPool:
 
     @classmethod
     def acquire(
-        cls, tokenizer_dir: str, timeout_s: float, memory_mb: int, deid=None, batch_work=None
+        cls,
+        tokenizer_dir: str,
+        timeout_s: float,
+        memory_mb: int,
+        deid=None,
+        batch_work=None,
+        children: int = 1,
     ) -> ChildPool:
-        """The pool for these settings, with one more child for the caller (`batch_work`:
-        see GuardedTokenizer)."""
+        """The pool for these settings, with `children` more children for the caller
+        (`batch_work`: see GuardedTokenizer)."""
         key = (tokenizer_dir, timeout_s, memory_mb, _deid_key(deid), batch_work)
         with cls._lock:
             pool = cls._pools.get(key)
             if pool is None:
                 pool = cls._pools[key] = ChildPool(key)
-            pool._users += 1
-        guard = GuardedTokenizer(
-            tokenizer_dir, timeout_s, memory_mb, deid=deid, batch_work=batch_work
-        )
-        threading.Thread(target=pool._serve, args=(guard,), daemon=True).start()
+            pool._users += children
+        for _ in range(children):
+            guard = GuardedTokenizer(
+                tokenizer_dir, timeout_s, memory_mb, deid=deid, batch_work=batch_work
+            )
+            threading.Thread(target=pool._serve, args=(guard,), daemon=True).start()
         return pool
 
-    def release(self) -> None:
-        """One user fewer: one child stops (the last user's stops the pool)."""
+    def release(self, children: int = 1) -> None:
+        """The caller's `children` stop (the last ones stop the pool)."""
         with self._lock:
-            self._users -= 1
-            if self._users == 0:
+            self._users -= children
+            if self._users <= 0:
                 self._pools.pop(self._settings, None)
-        self._work.put(None)
+        for _ in range(children):
+            self._work.put(None)
 
     @property
     def children(self) -> int:

@@ -137,7 +137,11 @@ class _TokenizeRecordFn(beam.DoFn):
         self._pool = None
         if self._limits.isolate:
             self._pool = ChildPool.acquire(
-                self._tokenizer_dir, self._limits.timeout_s, self._limits.memory_mb, self._deid
+                self._tokenizer_dir,
+                self._limits.timeout_s,
+                self._limits.memory_mb,
+                self._deid,
+                children=self._limits.children,
             )
         self._tokenized = Metrics.counter(NAMESPACE, "records_tokenized")
         self._failed = Metrics.counter(NAMESPACE, "records_failed")
@@ -164,8 +168,9 @@ class _TokenizeRecordFn(beam.DoFn):
         tag, self._next_tag = self._next_tag, self._next_tag + 1
         self._in_flight[tag] = refs
         self._pool.submit(requests, self._replies, tag)
-        # Keep every child of the pool fed, then emit whatever has come back.
-        while len(self._in_flight) > self._pool.children:
+        # Keep every child of the pool fed (a batch queued behind each one), then emit
+        # whatever has come back.
+        while len(self._in_flight) > 2 * self._pool.children:
             yield from self._answered(block=True)
         while not self._replies.empty():
             yield from self._answered(block=False)
@@ -223,7 +228,7 @@ class _TokenizeRecordFn(beam.DoFn):
 
     def teardown(self) -> None:
         if getattr(self, "_pool", None) is not None:
-            self._pool.release()
+            self._pool.release(self._limits.children)
             self._pool = None
 
     def _fail(self, ref: RecordRef, stage: str, error_type: str, message: str):
@@ -234,11 +239,13 @@ class _TokenizeRecordFn(beam.DoFn):
 
 @dataclass(frozen=True)
 class RecordLimits:
-    """Per-record bounds. `isolate` runs each record in a guarded child process."""
+    """Per-record bounds. `isolate` runs each record in a guarded child process;
+    `children`: how many each tokenizing DoFn adds to its process's pool."""
 
     isolate: bool = True
     timeout_s: float = 300.0
     memory_mb: int = 6144
+    children: int = 1
 
 
 class TokenizeRecords(beam.PTransform):
