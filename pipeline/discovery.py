@@ -67,6 +67,10 @@ class RecordRef:
     # What outputs and error rows may show of the path ("" = source_path). Hospital
     # exports show a pseudonym: their file names can hold patient identifiers.
     display_path: str = ""
+    # The header's signals, rate and length ("12 500 5000"), where the listing read the
+    # header anyway; "" where it did not. Records of one shape are batched together, so
+    # the guarded child can tokenize them together (stages.DiscoverRecords).
+    shape: str = field(default="", hash=False, compare=False)
 
     @property
     def public_path(self) -> str:
@@ -82,7 +86,9 @@ def write_listing(path: str, refs: list[RecordRef]) -> None:
     CPU, before any record is read, for a chunk of 11,000 records).
     """
     lines = [
-        json.dumps([r.record_id, r.source_path, r.extra, r.display_path], ensure_ascii=False)
+        json.dumps(
+            [r.record_id, r.source_path, r.extra, r.display_path, r.shape], ensure_ascii=False
+        )
         for r in refs
     ]
     with FileSystems.create(path, mime_type="application/x-ndjson") as f:
@@ -93,8 +99,7 @@ def read_listing(path: str) -> Iterator[RecordRef]:
     """The records `write_listing` wrote, in order."""
     for line in _read_text(path, limit=None).splitlines():
         if line:
-            record_id, source_path, extra, display_path = json.loads(line)
-            yield RecordRef(record_id, source_path, extra, display_path)
+            yield RecordRef(*json.loads(line))
 
 
 @dataclass(frozen=True)
@@ -238,11 +243,21 @@ def _stem(path: str) -> str:
     return base.rsplit(".", 1)[0] if _is_record_file(base) else base
 
 
+def _header_lines(header_text: str) -> list[str]:
+    return [ln for ln in header_text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+def _shape_of(header_text: str) -> str:
+    """The record line's signal count, rate and length ("12 500 5000"), or "" for a
+    multi-segment header: a key to batch records of one shape together, nothing more."""
+    lines = _header_lines(header_text)
+    fields = lines[0].split() if lines else []
+    return "" if len(fields) < 2 or "/" in fields[0] else " ".join(fields[1:4])
+
+
 def _segment_names(header_text: str) -> list[str]:
     """Record names that a multi-segment header names (empty for a plain one)."""
-    lines = [
-        ln for ln in header_text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
-    ]
+    lines = _header_lines(header_text)
     if not lines:
         return []
     first = lines[0].split()[0]
@@ -275,10 +290,11 @@ def _listed_path(folder: str, name: str) -> str:
     return path if _is_record_file(path) else path + ".hea"
 
 
-def _default_rule(folder_files: list[str]) -> list[str]:
+def _default_rule(folder_files: list[str], shapes: dict[str, str]) -> list[str]:
     """One folder without RECORDS: every header is a record, except layout headers and the
     segments a multi-segment header of the folder names; an EDF file is a record unless a
-    header of the same name is."""
+    header of the same name is. The headers read on the way leave their `_shape_of` in
+    `shapes`."""
     headers = [f for f in folder_files if f.lower().endswith(".hea")]
     header_stems = {_stem(h) for h in headers}
     candidates = [h for h in headers if not _stem(h).endswith("_layout")]
@@ -286,21 +302,26 @@ def _default_rule(folder_files: list[str]) -> list[str]:
     if len(candidates) >= 2:
         texts = _map_reads(lambda h: _read_text(h, 1 << 20), candidates)
         segments: set[str] = set()
-        for text in texts:
+        for header, text in zip(candidates, texts, strict=True):
             segments.update(_segment_names(text))
+            shapes[header] = _shape_of(text)
         candidates = [h for h in candidates if _stem(h) not in segments]
     return candidates + edfs
 
 
-def _apply_rule(files: Iterable[str], root: str | None) -> list[str]:
+def _apply_rule(
+    files: Iterable[str], root: str | None, shapes: dict[str, str] | None = None
+) -> list[str]:
     """The discovery rule over a listing of headers, EDF files and RECORDS files.
 
     Where a folder has a RECORDS file, it lists that folder's records: the lines name
     records (possibly in sub-folders, as in PTB-XL) or, ending in '/', sub-folders that
     follow their own rule (as in MIMIC). A RECORDS file governs its folder and every
     sub-folder it does not hand on that way. Elsewhere `_default_rule` applies. With no
-    `root` (a glob) only RECORDS files in a header's own folder count.
+    `root` (a glob) only RECORDS files in a header's own folder count. `shapes` collects
+    the shape of every header read on the way.
     """
+    shapes = {} if shapes is None else shapes
     by_folder: dict[str, list[str]] = defaultdict(list)
     records_files: dict[str, str] = {}
     for f in files:
@@ -344,7 +365,7 @@ def _apply_rule(files: Iterable[str], root: str | None) -> list[str]:
         out.update(_listed_path(folder, n) for n in names[0])
     for folder in sorted(by_folder):
         if not governed(folder):
-            out.update(_default_rule(by_folder[folder]))
+            out.update(_default_rule(by_folder[folder], shapes))
     return sorted(out)
 
 
@@ -414,9 +435,10 @@ def discover(src: str, deid: DeidSettings | None = None) -> Iterator[RecordRef]:
         root = src if is_remote(src) else _local(src)
         files = _list_files(root)
     wfdb, exports = _split(files)
-    wfdb_paths = wfdb if single else _apply_rule(wfdb, None if kind == "glob" else root)
+    shapes: dict[str, str] = {}
+    wfdb_paths = wfdb if single else _apply_rule(wfdb, None if kind == "glob" else root, shapes)
     for path in wfdb_paths:
-        yield RecordRef(_relative_id(path, root), path)
+        yield RecordRef(_relative_id(path, root), path, shape=shapes.get(path, ""))
     for path in _confirmed_exports(exports):
         yield _export_ref(path, _relative_export_id(path, root), policy)
 

@@ -11,6 +11,7 @@ pickles and runs on any runner.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 from dataclasses import dataclass
@@ -47,6 +48,26 @@ def error_row(ref: RecordRef, stage: str, error_type: str, message: str) -> dict
         "error_type": error_type,
         "message": message[:2000],
     }
+
+
+# Refs sorted by header shape at a time (see `_shape_batches`): bounded memory however
+# long the listing.
+SHAPE_WINDOW = 4096
+
+
+def _shape_batches(refs, size: int):
+    """Lists of at most `size` refs, each of one header shape where the listing read the
+    headers (`RecordRef.shape`): sorted by shape within windows of SHAPE_WINDOW refs.
+
+    Short records of one shape go through the guarded child's stages together
+    (`record_tokens.tokenize_batch`); in a mixed archive (CinC 2021: 12% of its records
+    in five other shapes than 10 s at 500 Hz) a batch in listing order leaves most of
+    those alone.
+    """
+    for window in _in_batches(refs, SHAPE_WINDOW):
+        window.sort(key=lambda ref: ref.shape)
+        for _, same in itertools.groupby(window, key=lambda ref: ref.shape):
+            yield from _in_batches(same, size)
 
 
 def _in_batches(refs, size: int):
