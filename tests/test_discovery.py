@@ -211,3 +211,29 @@ def test_records_file_may_name_edf_files(tmp_path):
     refs = list(discover(str(root)))
     assert [r.record_id for r in refs] == ["SC4001E0-PSG"]
     assert refs[0].source_path.endswith("SC4001E0-PSG.edf")
+
+
+def test_discovery_keeps_each_headers_shape_and_batches_are_of_one_shape(tmp_path):
+    """The header shapes discovery reads on the way reach the job through the listing,
+    and the job's batches keep records of one shape together, losing none."""
+    import collections
+
+    from conftest import data_path
+
+    from ecgtok.pipeline.discovery import discover, read_listing, write_listing
+    from ecgtok.transforms.stages import _shape_batches
+
+    refs = list(discover(data_path("cinc2021_12lead")))
+    shapes = collections.Counter(r.shape for r in refs)
+    assert shapes["12 500 5000"] > 90 and len(shapes) > 3 and "" not in shapes
+    listing = str(tmp_path / "records.jsonl")
+    write_listing(listing, refs)
+    back = list(read_listing(listing))
+    assert [(r.record_id, r.shape) for r in back] == [(r.record_id, r.shape) for r in refs]
+    batches = list(_shape_batches(back, 32))
+    assert all(len({r.shape for r in b}) == 1 and len(b) <= 32 for b in batches)
+    assert sorted(r.record_id for b in batches for r in b) == sorted(r.record_id for r in refs)
+    # every shape with more than one record shares a batch with another of its shape
+    for shape, n in shapes.items():
+        if n > 1:
+            assert max(len(b) for b in batches if b[0].shape == shape) > 1
