@@ -299,15 +299,14 @@ def _batchable(reader, segment_s: float) -> bool:
     return n > 0 and one_segment and n * len(reader.lead_names) <= BATCH_MAX_VALUES
 
 
-def _read_or_tokenize(reader, tokenizer: Tokenizer, segment_s: float, extra) -> Record | list:
-    """A short record read whole (a `Record`, to tokenize with others of its shape), or
-    the segments of any other record, tokenized now."""
-    if _batchable(reader, segment_s):
-        record = reader.record()
-        if np.isfinite(record.signal).all():  # NaN takes other branches in the filters
-            return record
-        return reader_segments(_InMemoryReader(record), tokenizer, segment_s, extra)
-    return reader_segments(reader, tokenizer, segment_s, extra)
+def _read_short(reader, tokenizer: Tokenizer, segment_s: float, extra) -> Record | list:
+    """A short record read whole (a `Record`, to tokenize with others of its shape), or,
+    if it holds non-finite samples (which take other branches in the filters), its
+    segments, tokenized now."""
+    record = reader.record()
+    if np.isfinite(record.signal).all():
+        return record
+    return reader_segments(_InMemoryReader(record), tokenizer, segment_s, extra)
 
 
 def _same_shape_segments(
@@ -351,11 +350,24 @@ def tokenize_batch(requests: list[tuple], tokenizer: Tokenizer, policy=None):
     segments: list[Segment] = []
     # (rate, shape) -> [(index, record, segment_s, extra)] of the short records read whole
     groups: dict[tuple, list[tuple]] = {}
+    # Reading short records is quick: one START covers every record not yet read, so the
+    # guard hears one message for the run, not one a record (~70 us of the launcher's
+    # time each). A long record tokenized as it is read gets its own START, and the
+    # records after it another.
+    yield START, list(range(len(requests))), None
     for index, (path, record_id, segment_s, extra) in enumerate(requests):
-        yield START, [index], None
-        got = _outcome(
-            _on_reader, path, record_id, policy, _ReadOrTokenize(tokenizer, segment_s, extra)
-        )
+        reader = _outcome(open_any, path, record_id, policy)
+        if isinstance(reader, Exception):
+            yield FAILED, [index], reader
+            continue
+        with reader:
+            if _batchable(reader, segment_s):
+                got = _outcome(_named, _read_short, reader, tokenizer, segment_s, extra)
+            else:
+                yield START, [index], None
+                got = _outcome(_named, reader_segments, reader, tokenizer, segment_s, extra)
+                if index + 1 < len(requests):
+                    yield START, list(range(index + 1, len(requests))), None
         if isinstance(got, Exception):
             yield FAILED, [index], got
         elif isinstance(got, Record):
@@ -401,16 +413,6 @@ def _outcome(work, *args):
         return RecordError("limits", "out_of_memory", "record needs more memory than allowed")
     except Exception as exc:
         return exc
-
-
-class _ReadOrTokenize:
-    """`_read_or_tokenize` on an opened reader, for `_on_reader`."""
-
-    def __init__(self, tokenizer: Tokenizer, segment_s: float, extra: dict) -> None:
-        self.args = (tokenizer, segment_s, extra)
-
-    def __call__(self, reader):
-        return _read_or_tokenize(reader, *self.args)
 
 
 def _tokenized_whole(
