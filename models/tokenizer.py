@@ -520,20 +520,34 @@ def shape_windows(wins: np.ndarray, view: dict) -> np.ndarray:
         # Pearson r, the measure fidelity reports.
         wins = wins - wins.mean(axis=2, keepdims=True, dtype=np.float64).astype(np.float32)
     if norm in ("l2", "zl2") and wins.shape[0]:
-        energy = np.sqrt((wins.astype(np.float64) ** 2).sum(axis=2, keepdims=True))
-        wins = np.where(energy > 1e-6, wins / np.maximum(energy, 1e-6), 0.0).astype(np.float32)
+        # Energy and division in float64, then float32, with one float64 buffer for
+        # both (the same numbers as `np.where(energy > 1e-6, wins / energy, 0)`).
+        w64 = wins.astype(np.float64)
+        np.multiply(w64, w64, out=w64)
+        energy = np.sqrt(w64.sum(axis=2, keepdims=True))
+        scaled = np.divide(wins, np.maximum(energy, 1e-6), out=w64).astype(np.float32)
+        scaled[~(energy > 1e-6)[:, :, 0]] = 0.0
+        wins = scaled
     return wins
 
 
 def align_windows(wins: np.ndarray, m: int) -> np.ndarray:
-    """Shift each (beat, lead) window so its largest |value| near the centre sits at R."""
+    """Shift each (beat, lead) window so its largest |value| near the centre sits at R;
+    samples shifted in from outside the window are 0.
+
+    Each window is padded with m zeros on both sides and the shifted window taken as
+    one of the 2m + 1 windows a sliding view offers: one gather of whole rows, instead
+    of an index, a clip and a mask the size of all the windows.
+    """
+    from numpy.lib.stride_tricks import sliding_window_view
+
     n = wins.shape[2]
     seg = np.abs(wins[:, :, W.R_INDEX - m : W.R_INDEX + m + 1])
-    shift = seg.argmax(axis=2) - m
-    idx = np.arange(n)[None, None, :] + shift[:, :, None]
-    ok = (idx >= 0) & (idx < n)
-    out = np.take_along_axis(wins, np.clip(idx, 0, n - 1), axis=2)
-    return np.where(ok, out, 0.0).astype(np.float32)
+    start = seg.argmax(axis=2)  # shift + m
+    padded = np.zeros(wins.shape[:2] + (n + 2 * m,), dtype=np.float32)
+    padded[:, :, m : m + n] = wins
+    shifted = sliding_window_view(padded, n, axis=2)  # (beats, leads, 2m + 1, n)
+    return np.take_along_axis(shifted, start[:, :, None, None], axis=2)[:, :, 0]
 
 
 def pearson_r(a: np.ndarray, b: np.ndarray) -> np.ndarray:

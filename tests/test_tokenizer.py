@@ -331,3 +331,38 @@ def test_inversion_map_gives_the_words_of_a_lead_recorded_upside_down():
     ok = (atrial >= tok.atrial_offset) & (atrial_neg >= tok.atrial_offset)
     mapped, actual = tok.decode_atrial(inv[atrial[ok]]), tok.decode_atrial(atrial_neg[ok])
     assert np.median(T.pearson_r(mapped, actual)) > 0.85
+
+
+def test_window_shaping_equals_its_plain_formula():
+    """`shape_windows` (alignment by a sliding view, energy and division through one
+    float64 buffer) gives the numbers of the plain formula, bit for bit, on real beats
+    and on zero, NaN and huge windows."""
+    from ecgtok.models.tokenizer import DEFAULT_VIEW, shape_windows, view_signal
+    from ecgtok.transforms import windows as W
+    from ecgtok.transforms.qrs import detect_r_peaks
+    from ecgtok.transforms.wfdb_reader import read_record
+
+    rec = read_record(data_path("cinc2021_12lead", "G12EC", "E00001.hea"))
+    peaks = W.to_window_rate(detect_r_peaks(rec.signal, rec.fs), rec.fs)
+    wins = W.beat_windows(view_signal(rec.signal, rec.fs, DEFAULT_VIEW), peaks)
+    wins = np.concatenate([wins, wins[:3]])
+    wins[-3] = 0.0
+    wins[-2, 4, 20] = np.nan
+    wins[-1] *= 1e6
+
+    def plain(w, m, norm):
+        n = w.shape[2]
+        shift = np.abs(w[:, :, W.R_INDEX - m : W.R_INDEX + m + 1]).argmax(axis=2) - m
+        idx = np.arange(n)[None, None, :] + shift[:, :, None]
+        out = np.take_along_axis(w, np.clip(idx, 0, n - 1), axis=2)
+        w = np.where((idx >= 0) & (idx < n), out, 0.0).astype(np.float32)
+        if norm == "zl2":
+            w = w - w.mean(axis=2, keepdims=True, dtype=np.float64).astype(np.float32)
+        energy = np.sqrt((w.astype(np.float64) ** 2).sum(axis=2, keepdims=True))
+        return np.where(energy > 1e-6, w / np.maximum(energy, 1e-6), 0.0).astype(np.float32)
+
+    for norm in ("zl2", "l2"):
+        view = {**DEFAULT_VIEW, "align_samples": 4, "beat_norm": norm}
+        got = shape_windows(wins, view)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, plain(wins, 4, norm))
