@@ -8,7 +8,8 @@ Runs, in one invocation and on the same records:
 * the baseline, `../shared/baselines/naive_loop.py DIR OUT.parquet` (its own records/s,
   timed by the program around its loop, and its wall time with Python start-up);
 * `ecgtok tokenize --input DIR --output ...` as a subprocess, start-up included, on the
-  project's default local runner (FnApiRunner multi_threading on all cores, guards on)
+  project's default local runner (FnApiRunner in_memory, its worker feeding a guarded
+  child per core; guards on)
   and on `--direct_running_mode=multi_processing --direct_num_workers=2` (guards on);
 * `ecgtok score` alone on the token shards the default run wrote;
 * with `--info-no-guard`, the same tokenize runs with `--isolation none`, for

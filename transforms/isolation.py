@@ -1,15 +1,19 @@
-"""Per-record time and memory bounds: each record is processed in a guarded child process.
+"""Per-record time and memory bounds: records are processed in guarded child processes.
 
 A decoder that loops forever, a record that needs 50 GB, or a segfault in a C extension
 must cost one error row, not the job. Beam's `with_exception_handling(use_subprocess=True)`
-forks a process per element; this keeps one long-lived child per DoFn instance instead
-(started once, with the tokenizer loaded once), sends it one record at a time over a
-pipe, and:
+forks a process per element; this keeps long-lived children instead (started once, with
+the tokenizer loaded once, shared by a process's DoFns through `ChildPool`), sends each a
+batch of records at a time over a pipe, and:
 
-* waits at most `timeout_s` for the answer, then kills and replaces the child;
+* hears which records the child starts on (`record_tokens.tokenize_batch`'s START
+  events), and waits at most `timeout_s` for its next message, then kills and replaces
+  the child: the record it was on gets the error row, and when it was on several at
+  once (a group of short records), each of them is run again alone to find the culprit;
 * caps the child's address space at `memory_mb` (RLIMIT_AS), so a huge allocation fails
   with MemoryError inside the child instead of taking the worker down;
-* turns a child that died (segfault, OOM kill) into an error row and starts a new one.
+* turns a child that died (segfault, OOM kill) into an error row the same way, and
+  starts a new one for the batch's other records.
 
 Children are forked from a **forkserver** that has done their imports once (NumPy,
 SciPy's signal and ndimage, wfdb and pandas: about 1.4 s of CPU; `_child_preload.py`),
@@ -28,7 +32,8 @@ Why a bare pipe and not `concurrent.futures.ProcessPoolExecutor` (which this use
 first): the executor moves every call through a queue-management thread and a feeder
 thread in the parent, four thread hand-offs per record against Beam's own threads for
 the GIL. That cost 3.7 ms of wall time per 10 s 12-lead record, a third of the record's
-own work (`benchmarks/profile_record.py`, "guard IPC").
+own work (`benchmarks/profile_record.py`, "guard IPC"). A batch's rows come back as one
+Arrow table, sent as IPC bytes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
-"""One record to its token rows: open, then per segment read, find beats and tokenize.
+"""Records to their token rows: open, then per segment read, find beats and tokenize.
 
-Plain Python over NumPy, no Beam: the Beam wrapper (`transforms/stages.py`) calls
-`tokenize_record` once per record and turns a `RecordError` into an error row.
+Plain Python over NumPy, no Beam. `tokenize_record` does one record; `tokenize_batch`,
+what the Beam wrapper (`transforms/stages.py`) runs in a guarded child, does a batch:
+short records of one shape go through every stage together (the same rows as one at a
+time), and the batch's rows come back as one Arrow table. The wrapper turns a
+`RecordError` into an error row.
 
 A record is streamed segment by segment (`--segment_seconds`, 5 minutes by default), so
 a 24 h Holter costs the memory of one segment, not of the day. Each segment is read with
