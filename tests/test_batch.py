@@ -251,3 +251,42 @@ def test_windows_of_recordings_together_equal_each_alone(tok):
     alone_atrial = [atrial_windows(clean[:, i], p) for i, p in enumerate(peaks)]
     np.testing.assert_array_equal(W.beat_windows_many(clean, peaks), np.concatenate(alone_beats))
     np.testing.assert_array_equal(atrial_windows_many(clean, peaks), np.concatenate(alone_atrial))
+
+
+def fail_one_then_crash(requests):
+    """A guard's batch work: announces every record, fails 'bad' at once, then crashes
+    if the batch holds 'crash' (as a group's stage would); alone, each does its own."""
+    import ctypes
+
+    from ecgtok.transforms.errors import RecordError
+
+    ids = [r[1] for r in requests]
+    yield START, list(range(len(ids))), None
+    for i, rid in enumerate(ids):
+        if rid == "bad":
+            yield FAILED, [i], RecordError("read", "bad_header", "bad record")
+    if "crash" in ids:
+        ctypes.string_at(0)
+    good = [i for i, rid in enumerate(ids) if rid != "bad"]
+    if good:
+        yield ROWS, good, [{"record_id": ids[i]} for i in good]
+
+
+def test_a_record_answered_before_a_crash_is_not_answered_again():
+    """The child failed one record, then died while it was on all of them: the others are
+    run again alone and the crash lands on its record; the failed one keeps its one
+    error row."""
+    from ecgtok.transforms.isolation import GuardedTokenizer
+
+    ids = ["a", "bad", "crash", "b"]
+    guard = GuardedTokenizer(default_tokenizer_dir(), 30, 0, batch_work=fail_one_then_crash)
+    try:
+        out = list(guard.tokenize_many([("p", rid, 300.0, {}) for rid in ids]))
+    finally:
+        guard.close()
+    answered = sorted(i for indices, _ in out for i in indices)
+    assert answered == [0, 1, 2, 3], out
+    by_id = {ids[i]: o for indices, o in out for i in indices}
+    assert isinstance(by_id["bad"], RecordError) and by_id["bad"].error_type == "bad_header"
+    assert isinstance(by_id["crash"], RecordError) and by_id["crash"].error_type == "worker_crashed"
+    assert by_id["a"] == [{"record_id": "a"}] and by_id["b"] == [{"record_id": "b"}]

@@ -363,16 +363,15 @@ class GuardedTokenizer:
             try:
                 kind, local, payload = self._answer(self._timeout_s, "processing")
             except RecordError as err:  # the child hung or died; it is gone
-                if len(suspects) == 1 or len(batch) == 1:
-                    culprit = suspects[0] if suspects else next(iter(unanswered))
-                    unanswered.discard(culprit)
-                    yield [batch[culprit]], err
-                else:  # several at once (or none said): each alone, to find the culprit
-                    unanswered.difference_update(suspects)
-                    queue.extend([batch[k]] for k in suspects)
-                    if not suspects:
-                        queue.extend([batch[k]] for k in sorted(unanswered))
-                        unanswered.clear()
+                # The records it said it was on and has not answered (all unanswered
+                # ones if it said none): one is the culprit; several are each run again
+                # alone, to find it. The rest go to a new child together.
+                live = [k for k in suspects if k in unanswered] or sorted(unanswered)
+                unanswered.difference_update(live)
+                if len(live) == 1:
+                    yield [batch[live[0]]], err
+                else:
+                    queue.extend([batch[k]] for k in live)
                 if unanswered:
                     queue.append([batch[k] for k in sorted(unanswered)])
                 return
@@ -385,7 +384,9 @@ class GuardedTokenizer:
                 yield [batch[k] for k in local], payload
             else:  # "end", or "abort": the work itself raised
                 self._busy = False
-                if kind == "abort" and unanswered:
+                if kind == "end" and unanswered:  # a work that skipped records: say so
+                    payload = RuntimeError("the guarded process gave no answer for it")
+                if unanswered:
                     if len(batch) == 1 or isinstance(payload, TRANSIENT_ERRORS):
                         for k in sorted(unanswered):
                             yield [batch[k]], payload

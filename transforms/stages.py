@@ -61,7 +61,7 @@ def _shape_batches(refs, size: int):
 
     Short records of one shape go through the guarded child's stages together
     (`record_tokens.tokenize_batch`); in a mixed archive (CinC 2021: 12% of its records
-    in five other shapes than 10 s at 500 Hz) a batch in listing order leaves most of
+    in seven other shapes than 10 s at 500 Hz) a batch in listing order leaves most of
     those alone.
     """
     for window in _in_batches(refs, SHAPE_WINDOW):
@@ -86,10 +86,11 @@ class DiscoverRecords(beam.PTransform):
     """SRC -> RecordRef for every record, spread over workers. With `listing`, the
     records are those that file lists (`discovery.write_listing`), SRC is not listed again.
 
-    With `batch_size`, the output is lists of up to that many RecordRefs instead, for
-    `TokenizeRecords(batched=True)`: Beam then counts, shuffles and hands over one
-    element per batch, not per record (its per-element cost, ~20 us a record in each of
-    three steps, runs in the launcher, which shares the cores with the records' work).
+    With `batch_size`, the output is lists of up to that many RecordRefs instead (of one
+    header shape each, see `_shape_batches`), for `TokenizeRecords(batched=True)`: Beam
+    then counts, shuffles and hands over one element per batch, not per record. Its
+    per-element work runs in the launcher, which shares the cores with the records' work
+    (launcher CPU on 11,000 records: 4.96 -> 3.72 s).
     """
 
     def __init__(
