@@ -340,8 +340,9 @@ def tokenize_batch(requests: list[tuple], tokenizer: Tokenizer, policy=None):
     guard that sees the process hang or die knows which did it; FAILED with the
     exception of each record that failed (a RecordError naming the stage; MemoryError as
     a RecordError of stage "limits"; a transient I/O error as it is, for the runner to
-    retry); last, ROWS with one table (token schema) of every other record's rows. A
-    record's rows are only sent once it has succeeded, so it never has both.
+    retry); ROWS with one table (token schema) of the rows of a long record as soon as it
+    is done, and last, ROWS with one table of every other record's rows. A record's rows
+    are only sent once it has succeeded, so it never has both.
 
     Short records (see `BATCH_MAX_VALUES`) are read first, then tokenized together with
     the batch's other records of the same shape and rate, each stage called once for
@@ -363,10 +364,12 @@ def tokenize_batch(requests: list[tuple], tokenizer: Tokenizer, policy=None):
         if isinstance(reader, Exception):
             yield FAILED, [index], reader
             continue
+        long = False
         with reader:
             if _batchable(reader, segment_s):
                 got = _outcome(_named, _read_short, reader, tokenizer, segment_s, extra)
             else:
+                long = True
                 yield START, [index], None
                 got = _outcome(_named, reader_segments, reader, tokenizer, segment_s, extra)
                 if index + 1 < len(requests):
@@ -377,6 +380,8 @@ def tokenize_batch(requests: list[tuple], tokenizer: Tokenizer, policy=None):
             groups.setdefault((float(got.fs), got.signal.shape), []).append(
                 (index, got, segment_s, extra)
             )
+        elif long:  # its rows at once: a batch of 24 h Holters must not pile up in memory
+            yield ROWS, [index], _table(got)
         else:
             segments += got
             done.append(index)
@@ -403,9 +408,13 @@ def tokenize_batch(requests: list[tuple], tokenizer: Tokenizer, policy=None):
                 segments += got
                 done.append(index)
     if done:
-        from ecgtok.transforms.token_table import segments_table
+        yield ROWS, done, _table(segments)
 
-        yield ROWS, done, segments_table(segments)
+
+def _table(segments: list[Segment]):
+    from ecgtok.transforms.token_table import segments_table
+
+    return segments_table(segments)
 
 
 def _outcome(work, *args):
